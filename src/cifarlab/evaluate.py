@@ -1,0 +1,109 @@
+"""Model + images -> predictions and metrics (accuracy, per-class accuracy, confusion matrix)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .transforms import Normalization
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@torch.inference_mode()
+def predict_logits(model: torch.nn.Module, images: torch.Tensor, normalization: Normalization,
+                   batch_size: int = 1000, device: torch.device | str | None = None,
+                   tta: bool = False, channels_last: bool | None = None) -> torch.Tensor:
+    """Logits (float32, CPU) for uint8 images (N, 3, 32, 32), in eval mode, in batches.
+
+    ``tta``: average the logits of each image and its horizontal mirror (flip test-time augmentation).
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    if channels_last is None:
+        channels_last = device.type == "cpu"
+    outputs = []
+    try:
+        for start in range(0, len(images), batch_size):
+            x = normalization(images[start:start + batch_size].to(device, non_blocking=True))
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(device):
+                logits = model(x).float()
+                if tta:
+                    logits = 0.5 * (logits + model(x.flip(3)).float())
+            outputs.append(logits.cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(outputs) if outputs else torch.empty(0, 10)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int = 10) -> np.ndarray:
+    """counts[true, predicted]."""
+    return np.bincount(labels * num_classes + predictions, minlength=num_classes ** 2).reshape(num_classes,
+                                                                                                num_classes)
+
+
+@dataclass
+class Evaluation:
+    classes: list[str]
+    labels: np.ndarray          # (N,) true labels
+    logits: np.ndarray          # (N, 10)
+    probabilities: np.ndarray = field(init=False)
+    predictions: np.ndarray = field(init=False)
+
+    def __post_init__(self):
+        self.probabilities = torch.softmax(torch.from_numpy(self.logits), 1).numpy()
+        self.predictions = self.probabilities.argmax(1)
+
+    @property
+    def accuracy(self) -> float:
+        return float((self.predictions == self.labels).mean())
+
+    @property
+    def loss(self) -> float:
+        logp = torch.log_softmax(torch.from_numpy(self.logits), 1)
+        return float(-logp[torch.arange(len(self.labels)), torch.from_numpy(self.labels)].mean())
+
+    @property
+    def confusion(self) -> np.ndarray:
+        return confusion_matrix(self.labels, self.predictions, len(self.classes))
+
+    @property
+    def per_class_accuracy(self) -> dict[str, float]:
+        cm = self.confusion
+        return {c: float(cm[i, i] / max(cm[i].sum(), 1)) for i, c in enumerate(self.classes)}
+
+    def worst_mistakes(self, k: int = 16) -> np.ndarray:
+        """Indices of the wrong predictions made with the highest confidence."""
+        wrong = np.flatnonzero(self.predictions != self.labels)
+        confidence = self.probabilities[wrong, self.predictions[wrong]]
+        return wrong[np.argsort(-confidence, kind="stable")[:k]]
+
+    def to_dict(self) -> dict:
+        return {
+            "num_images": int(len(self.labels)),
+            "accuracy": self.accuracy,
+            "loss": self.loss,
+            "per_class_accuracy": self.per_class_accuracy,
+            "classes": list(self.classes),
+            "confusion_matrix": self.confusion.tolist(),
+            "confusion_matrix_axes": "rows: true class, columns: predicted class",
+        }
+
+
+def evaluate_model(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: list[str],
+                   normalization: Normalization, tta: bool = False, device=None,
+                   batch_size: int = 1000) -> Evaluation:
+    logits = predict_logits(model, images, normalization, batch_size=batch_size, device=device, tta=tta)
+    return Evaluation(classes=list(classes), labels=labels.cpu().numpy(), logits=logits.numpy())

@@ -1,0 +1,79 @@
+"""The jobs behind the CLI: evaluate a checkpoint into a folder of artifacts, and the whole ``run``.
+
+Each function takes plain values and returns what it wrote, so a notebook can call them too.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import plots
+from .checkpoints import Checkpoint, load_checkpoint
+from .data import CIFAR10
+from .errors import CheckpointError
+from .evaluate import Evaluation, evaluate_model
+from .fsutil import atomic_write_json
+from .transforms import Normalization
+
+
+def check_compatible(ckpt: Checkpoint, data: CIFAR10, model_name: str | None = None) -> None:
+    """A checkpoint must predict the dataset's classes (and be the architecture asked for, if any)."""
+    classes = ckpt.meta.get("classes")
+    if classes != list(data.classes):
+        raise CheckpointError(f"{ckpt.path}: trained for classes {classes}, but the data has {list(data.classes)}.")
+    name = ckpt.meta.get("architecture", {}).get("name")
+    if model_name and name != model_name:
+        raise CheckpointError(f"{ckpt.path}: holds architecture {name!r}, not the {model_name!r} asked for.")
+
+
+def evaluate_to_folder(ckpt: Checkpoint, data: CIFAR10, out_dir: str | Path, seed: int = 0,
+                       gallery_size: int = 16, tta: bool | None = None, device=None) -> tuple[Evaluation, dict]:
+    """Test-set evaluation: results.json, confusion matrix (PNG + counts), per-class accuracy, galleries."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_compatible(ckpt, data)
+    normalization = Normalization.from_dict(ckpt.meta["normalization"])
+    if tta is None:
+        tta = bool(ckpt.meta.get("recipe", {}).get("tta", False))
+    model = ckpt.model.to(device) if device else ckpt.model
+    ev = evaluate_model(model, data.test.images, data.test.labels, data.classes, normalization, tta=tta, device=device)
+    results = dict(ev.to_dict(), checkpoint=str(ckpt.path), architecture=ckpt.meta["architecture"]["name"],
+                   tta=tta, epoch=ckpt.meta.get("epoch"))
+    rng = np.random.default_rng(seed)
+    random_idx = rng.choice(len(ev.labels), size=min(gallery_size, len(ev.labels)), replace=False)
+    worst_idx = ev.worst_mistakes(gallery_size)
+    results["gallery_indices"] = random_idx.tolist()
+    results["worst_mistakes"] = [
+        {"index": int(i), "true": data.classes[ev.labels[i]], "predicted": data.classes[ev.predictions[i]],
+         "score": float(ev.probabilities[i, ev.predictions[i]])} for i in worst_idx]
+    files = {
+        "results": out_dir / "results.json",
+        "confusion_matrix": plots.confusion_matrix_plot(ev.confusion, data.classes, out_dir / "confusion_matrix.png"),
+        "per_class_accuracy": plots.per_class_accuracy_plot(ev.per_class_accuracy, out_dir / "per_class_accuracy.png"),
+        "gallery": plots.prediction_gallery(data.test.images, ev, random_idx, out_dir / "gallery.png",
+                                            "Random test images: prediction / score / truth"),
+        "worst_mistakes": plots.prediction_gallery(data.test.images, ev, worst_idx, out_dir / "worst_mistakes.png",
+                                                   "Most confident mistakes"),
+    }
+    atomic_write_json(out_dir / "confusion_matrix.json", {"classes": list(data.classes),
+                                                          "rows": "true class", "columns": "predicted class",
+                                                          "counts": ev.confusion.tolist()})
+    atomic_write_json(files["results"], results)
+    return ev, {k: str(v) for k, v in files.items()}
+
+
+def load_for_evaluation(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
+    return load_checkpoint(path, allow_pickle=allow_pickle)
+
+
+def results_summary(results: dict) -> str:
+    lines = [f"Test accuracy: {100 * results['accuracy']:.2f}% on {results['num_images']:,} images"
+             f"{' (flip TTA)' if results.get('tta') else ''}", "Per-class accuracy:"]
+    lines += [f"  {name:<12}{100 * acc:6.2f}%" for name, acc in results["per_class_accuracy"].items()]
+    return "\n".join(lines)
+
+
+def dump_json(obj) -> str:
+    return json.dumps(obj, indent=2)

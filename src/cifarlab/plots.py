@@ -1,0 +1,100 @@
+"""PNG plots with matplotlib's Agg backend, written atomically."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless and deterministic; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .fsutil import atomic_write_bytes  # noqa: E402
+
+
+def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def to_hwc(images) -> np.ndarray:
+    """uint8 (N, 3, H, W) tensor/array -> (N, H, W, 3) numpy for imshow."""
+    arr = images.numpy() if hasattr(images, "numpy") else np.asarray(images)
+    return np.ascontiguousarray(arr.transpose(0, 2, 3, 1))
+
+
+def training_curves(history: list[dict], path: str | Path, val_source: str = "validation") -> Path:
+    epochs = [row["epoch"] for row in history]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, key, title in ((axes[0], "loss", "Loss"), (axes[1], "acc", "Accuracy")):
+        ax.plot(epochs, [row[f"train_{key}"] for row in history], "o-", label="train")
+        if all(f"val_{key}" in row for row in history):
+            ax.plot(epochs, [row[f"val_{key}"] for row in history], "s-", label=val_source)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[2].plot(epochs, [row["lr"] for row in history], "o-", color="tab:green")
+    axes[2].set_title("Learning rate (at epoch start)")
+    axes[2].set_xlabel("epoch")
+    axes[2].grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def confusion_matrix_plot(cm: np.ndarray, classes: list[str], path: str | Path) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 7))
+    im = ax.imshow(cm, cmap="Blues")
+    ax.set_title("Confusion matrix (rows: true, columns: predicted)", fontsize=13)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    threshold = cm.max() / 2
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+                    color="white" if cm[i, j] > threshold else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    return save_figure(fig, path)
+
+
+def per_class_accuracy_plot(per_class: dict[str, float], path: str | Path) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 4))
+    names, values = list(per_class), [100 * v for v in per_class.values()]
+    bars = ax.bar(names, values, color="tab:blue")
+    ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Per-class test accuracy")
+    ax.tick_params(axis="x", rotation=45)
+    return save_figure(fig, path)
+
+
+def image_grid(images, titles: list[str], path: str | Path, cols: int = 8, title: str | None = None,
+               cell: tuple[float, float] = (2.0, 2.6), title_size: int = 9) -> Path:
+    """A grid of uint8 (N, 3, H, W) images with a title under each."""
+    images = to_hwc(images)
+    n = len(images)
+    rows = max(1, -(-n // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cell[0] * cols, cell[1] * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(n):
+        ax = axes.flat[i]
+        ax.imshow(images[i], interpolation="nearest")
+        ax.set_title(titles[i], fontsize=title_size)
+    if title:
+        fig.suptitle(title, fontsize=14)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def prediction_gallery(images, evaluation, indices, path: str | Path, title: str) -> Path:
+    """The exercise's gallery: each image titled 'pred: X / score: 0.93 / true: Y'."""
+    classes = evaluation.classes
+    titles = [f"pred: {classes[evaluation.predictions[i]]}\n"
+              f"score: {evaluation.probabilities[i, evaluation.predictions[i]]:.3f}\n"
+              f"true: {classes[evaluation.labels[i]]}" for i in indices]
+    return image_grid(images[np.asarray(indices)], titles, path, title=title, cell=(2.0, 2.9))

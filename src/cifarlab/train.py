@@ -1,0 +1,511 @@
+"""Training: recipes (presets), the loop, per-epoch metrics and resumable checkpoints.
+
+The whole dataset stays in memory as uint8; a batch is an index into it, normalized and augmented as
+one tensor. Every epoch (and optionally every N steps) a checkpoint holds the weights, optimizer, RNG
+and data-order state, so ``resume=True`` continues exactly where the run stopped. Under ``torchrun``
+the same loop runs data-parallel: ``batch_size`` is per process, rank 0 alone writes files.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoints as ckpts
+from .data import CIFAR10, Split, holdout_split
+from .errors import CheckpointError, TrainingError
+from .evaluate import default_device, predict_logits
+from .fsutil import atomic_write_json, atomic_write_text
+from .models import Net, get_declaration
+from .transforms import Augment, Normalization
+
+
+@dataclass
+class Recipe:
+    """Everything that decides what a run learns. Defaults are the exercise's recipe."""
+
+    model: str = "exercise"
+    epochs: int = 10
+    batch_size: int = 32
+    optimizer: str = "adamax"        # adamax | adam | adamw | sgd
+    lr: float = 5e-3
+    schedule: str = "exp"            # exp: lr * lr_decay**epoch | onecycle | linear | constant
+    lr_decay: float = 0.9
+    warmup: float = 0.0              # fraction of all steps, for onecycle / linear
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
+    normalization: str = "exercise"  # exercise: x/255 - 0.5 | standard: per-channel mean/std
+    flip: bool = False
+    translate: int = 0
+    cutout: int = 0
+    tta: bool = False                # flip test-time augmentation when evaluating
+    seed: int = 0
+    val_split: int = 0               # hold out this many training images for validation (0: use test)
+
+    def validate(self) -> "Recipe":
+        checks = [
+            (self.epochs >= 1 and self.epochs <= 10_000, "epochs must be 1..10000"),
+            (1 <= self.batch_size <= 65_536, "batch size must be 1..65536"),
+            (self.optimizer in ("adamax", "adam", "adamw", "sgd"), "optimizer must be adamax, adam, adamw or sgd"),
+            (math.isfinite(self.lr) and 0 < self.lr <= 100, "lr must be > 0 and <= 100"),
+            (self.schedule in ("exp", "onecycle", "linear", "constant"), "schedule must be exp, onecycle, linear or constant"),
+            (0 < self.lr_decay <= 1, "lr decay must be in (0, 1]"),
+            (0 <= self.warmup < 1, "warmup must be in [0, 1)"),
+            (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
+            (0 <= self.weight_decay < 1, "weight decay must be in [0, 1)"),
+            (0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
+            (self.normalization in ("exercise", "standard"), "normalization must be exercise or standard"),
+            (0 <= self.translate <= 16 and 0 <= self.cutout <= 32, "translate must be 0..16, cutout 0..32"),
+            (0 <= self.val_split < 50_000, "val split must be 0..49999"),
+            (0 <= self.seed < 2 ** 63, "seed must be a non-negative 64-bit integer"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        get_declaration(self.model)  # fails early for an unknown or broken model
+        return self
+
+
+PRESETS: dict[str, Recipe] = {
+    # The exercise: Adamax 5e-3 x 0.9 per epoch, batch 32, 10 epochs, no augmentation.
+    "exercise": Recipe(),
+    # airbench-style small net for a 2-core CPU (tuned on a held-out validation split).
+    "fast": Recipe(model="fast", epochs=8, batch_size=256, optimizer="sgd", lr=0.2, schedule="onecycle",
+                   warmup=0.15, momentum=0.85, nesterov=True, weight_decay=5e-4, label_smoothing=0.2,
+                   normalization="standard", flip=True, translate=2, tta=True),
+    # airbench94-scale net; meant for a GPU (about 94% in ~10 epochs).
+    "airbench94": Recipe(model="airbench94", epochs=10, batch_size=1024, optimizer="sgd", lr=0.2,
+                         schedule="onecycle", warmup=0.2, momentum=0.85, nesterov=True, weight_decay=5e-4,
+                         label_smoothing=0.2, normalization="standard", flip=True, translate=2, tta=True),
+}
+
+
+def recipe_from(preset: str = "exercise", **overrides) -> Recipe:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
+    names = {f.name for f in fields(Recipe)}
+    unknown = set(overrides) - names
+    if unknown:
+        raise ValueError(f"unknown recipe field(s) {sorted(unknown)}")
+    return replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}).validate()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pieces of the loop
+
+
+def make_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if recipe.optimizer == "sgd":
+        # No weight decay on BatchNorm parameters and biases (the usual practice; airbench does the same).
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov)
+    cls = {"adamax": torch.optim.Adamax, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[recipe.optimizer]
+    # eps=1e-7 is Keras's default epsilon for Adamax/Adam.
+    return cls(params, lr=recipe.lr, weight_decay=recipe.weight_decay, eps=1e-7)
+
+
+def learning_rate(recipe: Recipe, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """The learning rate for (epoch, step-in-epoch): Keras-style per-epoch decay or per-step schedules."""
+    if recipe.schedule == "exp":
+        return recipe.lr * recipe.lr_decay ** epoch
+    if recipe.schedule == "constant":
+        return recipe.lr
+    total = recipe.epochs * steps_per_epoch
+    t = (epoch * steps_per_epoch + step) / total
+    warm = recipe.warmup
+    if warm > 0 and t < warm:
+        return recipe.lr * t / warm
+    return recipe.lr * max(0.0, (1 - t) / (1 - warm))  # linear decay to zero (onecycle's triangle)
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The shuffled order of epoch ``epoch``: a pure function of (seed, epoch), so resume can rebuild it."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info() -> DistInfo:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size())
+    return DistInfo()
+
+
+def steps_per_epoch(n: int, batch_size: int, world: int) -> int:
+    # Single process keeps the last partial batch as Keras does; data-parallel runs drop it so every rank
+    # takes the same number of equal-sized steps.
+    return math.ceil(n / batch_size) if world == 1 else n // (batch_size * world)
+
+
+def batch_indices(order: torch.Tensor, step: int, batch_size: int, dist: DistInfo) -> torch.Tensor:
+    """Rank r takes slice r of each global batch, so N ranks x batch B == 1 process x batch N*B."""
+    start = step * batch_size * dist.world + dist.rank * batch_size
+    return order[start:start + batch_size]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Run folder helpers
+
+
+CSV_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s"]
+
+
+def write_metrics_csv(path: Path, history: list[dict]) -> None:
+    """Rewritten whole and atomically from the history kept in the checkpoint: never a duplicate row."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+class _StopFlag:
+    """Ctrl-C (SIGINT) or SIGTERM asks the loop to checkpoint at the next step and stop cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        def handler(signum, frame):
+            if self.requested:  # second Ctrl-C: give up waiting
+                raise KeyboardInterrupt
+            self.requested = True
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
+
+
+class TrainingInterrupted(Exception):
+    def __init__(self, checkpoint: Path):
+        super().__init__(f"interrupted; checkpoint saved at {checkpoint}")
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model: Net
+    history: list[dict]
+    normalization: Normalization
+    classes: list[str]
+    val_source: str
+    seconds: float
+    meta: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Split an optimizer state_dict into tensors (for safetensors) and JSON (for the header)."""
+    state = optimizer.state_dict()
+    tensors, plain = {}, {}
+    for pid, slots in state["state"].items():
+        for name, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{pid}.{name}"] = value
+            else:
+                plain[f"{pid}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "plain": plain}
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, info: dict) -> None:
+    state: dict = {}
+    for key, value in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    for key, value in info["plain"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+
+
+def _set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def train(recipe: Recipe, data: CIFAR10, run_dir: str | Path, device: str | torch.device | None = None,
+          resume: bool = False, checkpoint_every: int = 0, keep_checkpoints: int = 2, progress: bool = True,
+          compile: bool = False, channels_last: bool | None = None, log=print, max_steps: int | None = None,
+          tensorboard: bool = False) -> TrainResult:
+    """Train ``recipe`` on ``data``, writing checkpoints and metrics.csv into ``run_dir``.
+
+    ``max_steps`` stops after that many optimizer steps in this call (for tests and benchmarks).
+    """
+    recipe.validate()
+    run_dir = Path(run_dir)
+    dist = dist_info()
+    device = torch.device(device) if device else default_device()
+    if channels_last is None:
+        channels_last = device.type == "cpu"  # measured faster on CPU for these convs (bench/)
+    normalization = Normalization.named(recipe.normalization)
+    augment = Augment(recipe.flip, recipe.translate, recipe.cutout)
+
+    train_split, val_split, val_source = data.train, data.test, "test set (as in the exercise)"
+    if recipe.val_split:
+        train_split, val_split = holdout_split(data.train, recipe.val_split, seed=recipe.seed)
+        val_source = f"{recipe.val_split} images held out from the training set"
+
+    torch.manual_seed(recipe.seed)
+    decl = get_declaration(recipe.model)
+    model = Net(decl)
+    if any(layer["type"] == "whiten" for layer in decl["layers"]):
+        sample = train_split.images[epoch_order(recipe.seed, -1, len(train_split))[:5000]]
+        model.init_from_data(normalization(sample))
+    if dist.world > 1:
+        torch.manual_seed(recipe.seed + 1_000_003 * dist.rank)  # same init, different dropout per rank
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(recipe, model)
+
+    history: list[dict] = []
+    start_epoch, start_step, partial = 0, 0, {}
+    if resume:
+        loaded = _try_resume(run_dir, recipe, log)
+        if loaded is not None:
+            ckpt = loaded
+            model.load_state_dict(ckpt.model.state_dict())
+            _restore_optimizer(optimizer, ckpt.optimizer_tensors, ckpt.train_state["optimizer"])
+            torch.set_rng_state(ckpt.optimizer_tensors_rng)
+            history = ckpt.meta.get("history", [])
+            start_epoch, start_step = ckpt.train_state["epoch"], ckpt.train_state["step_in_epoch"]
+            partial = ckpt.train_state.get("partial_epoch", {})
+            log(f"resuming from {ckpt.path} (epoch {start_epoch + 1}, step {start_step})")
+
+    images = train_split.images.to(device)
+    labels = train_split.labels.to(device)
+    n = len(labels)
+    spe = steps_per_epoch(n, recipe.batch_size, dist.world)
+    if spe == 0:
+        raise ValueError(f"batch size {recipe.batch_size} x {dist.world} processes is larger than the {n} training images")
+
+    train_model = model
+    if dist.world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile:
+        train_model = _maybe_compile(train_model, log)
+    autocast = _train_autocast(device)
+
+    base_meta = {
+        "architecture": decl, "classes": list(data.classes), "normalization": normalization.to_dict(),
+        "recipe": asdict(recipe), "seed": recipe.seed, "val_source": val_source, "world_size": dist.world,
+    }
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "recipe.json", asdict(recipe))
+    writer = _tensorboard_writer(run_dir, tensorboard and dist.is_main, log)
+
+    def save(epoch: int, step_in_epoch: int, global_step: int, partial: dict | None = None) -> Path | None:
+        if not dist.is_main:
+            return None
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise TrainingError("weights became NaN/inf; not saving them. The last good checkpoint is kept.")
+        opt_tensors, opt_info = _optimizer_tensors(optimizer)
+        opt_tensors["rng.torch"] = torch.get_rng_state()
+        meta = dict(base_meta, epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step,
+                    history=history, metrics=history[-1] if history else {})
+        state = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+                 "optimizer": opt_info, "recipe": asdict(recipe), "world_size": dist.world,
+                 "partial_epoch": partial or {}}
+        path = ckpts.save_checkpoint(run_dir / ckpts.CKPT_DIR / ckpts.checkpoint_name(global_step), model, meta,
+                                     train_state=state, optimizer_tensors=opt_tensors)
+        ckpts.prune_checkpoints(run_dir, keep=keep_checkpoints)
+        return path
+
+    log(f"training {decl['name']} ({model.num_parameters():,} parameters) on {device}, "
+        f"{torch.get_num_threads()} threads; {n:,} images, batch {recipe.batch_size}"
+        f"{f' x {dist.world} processes' if dist.world > 1 else ''}, {recipe.epochs} epochs; "
+        f"validation: {val_source}")
+    started = time.perf_counter()
+    steps_done = 0
+    with _StopFlag() as stop:
+        for epoch in range(start_epoch, recipe.epochs):
+            order = epoch_order(recipe.seed, epoch, n).to(device)
+            lr = learning_rate(recipe, epoch, start_step, spe)
+            log(f"Epoch {epoch + 1}/{recipe.epochs}  learning rate: {lr:.6g}")
+            model.train()
+            # Running sums of a partly done epoch come back from the checkpoint, so resumed metrics match.
+            loss_sum = torch.tensor(partial.get("loss_sum", 0.0), device=device, dtype=torch.float64)
+            correct = torch.tensor(partial.get("correct", 0), device=device, dtype=torch.int64)
+            seen = partial.get("seen", 0)
+            epoch_start = time.perf_counter() - partial.get("seconds", 0.0)
+            partial = {}
+            bar = _bar(spe, start_step, f"epoch {epoch + 1}/{recipe.epochs}", progress and dist.is_main)
+            for step in range(start_step, spe):
+                idx = batch_indices(order, step, recipe.batch_size, dist)
+                x = normalization(images[idx])
+                if augment.active:
+                    x = augment(x)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                y = labels[idx]
+                if recipe.schedule not in ("exp", "constant"):
+                    _set_lr(optimizer, learning_rate(recipe, epoch, step, spe))
+                else:
+                    _set_lr(optimizer, lr)
+                with autocast:
+                    logits = train_model(x)
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.detach() * len(y)
+                correct += (logits.detach().argmax(1) == y).sum()
+                seen += len(y)
+                steps_done += 1
+                if bar is not None and (step % 20 == 0 or step == spe - 1):
+                    _check_finite(loss_sum, epoch, step)
+                    elapsed = time.perf_counter() - epoch_start
+                    bar.set_postfix_str(f"loss {float(loss_sum) / seen:.4f} acc {float(correct) / seen:.4f} "
+                                        f"{seen * dist.world / max(elapsed, 1e-9):.0f} img/s", refresh=False)
+                if bar is not None:
+                    bar.update(1)
+                global_step = epoch * spe + step + 1
+                interrupted = stop.requested or (max_steps is not None and steps_done >= max_steps)
+                if checkpoint_every and global_step % checkpoint_every == 0 and step != spe - 1 or \
+                        interrupted and step != spe - 1:
+                    _check_finite(loss_sum, epoch, step)
+                    path = save(epoch, step + 1, global_step, {
+                        "loss_sum": float(loss_sum), "correct": int(correct), "seen": seen,
+                        "seconds": time.perf_counter() - epoch_start})
+                    if interrupted:
+                        if bar is not None:
+                            bar.close()
+                        if stop.requested:
+                            raise TrainingInterrupted(path or run_dir)
+                        return _result(run_dir, model, history, normalization, data, val_source, started, base_meta)
+            if bar is not None:
+                bar.close()
+            start_step = 0
+            _check_finite(loss_sum, epoch, spe)
+            seconds = time.perf_counter() - epoch_start
+            row = {"epoch": epoch + 1, "train_loss": float(loss_sum) / max(seen, 1),
+                   "train_acc": float(correct) / max(seen, 1), "lr": lr, "seconds": seconds,
+                   "images_per_s": seen * dist.world / max(seconds, 1e-9)}
+            if dist.is_main:
+                val_logits = predict_logits(model, val_split.images, normalization, device=device, tta=recipe.tta,
+                                            channels_last=channels_last)
+                row["val_loss"] = float(F.cross_entropy(val_logits, val_split.labels))
+                row["val_acc"] = float((val_logits.argmax(1) == val_split.labels).float().mean())
+                log(f"  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | val loss {row['val_loss']:.4f} "
+                    f"acc {row['val_acc']:.4f} | {seconds:.1f} s, {row['images_per_s']:.0f} img/s")
+            history.append(row)
+            if dist.is_main:
+                write_metrics_csv(run_dir / "metrics.csv", history)
+                if writer is not None:
+                    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s"):
+                        writer.add_scalar(key.replace("_", "/", 1), row[key], epoch + 1)
+                    writer.flush()
+            path = save(epoch + 1, 0, (epoch + 1) * spe)
+            if stop.requested:
+                raise TrainingInterrupted(path or run_dir)
+            if max_steps is not None and steps_done >= max_steps:
+                break
+    if writer is not None:
+        writer.close()
+    result = _result(run_dir, model, history, normalization, data, val_source, started, base_meta)
+    if dist.is_main and history and len(history) == recipe.epochs:
+        meta = dict(base_meta, epoch=recipe.epochs, history=history, metrics=history[-1],
+                    train_seconds=result.seconds)
+        ckpts.save_checkpoint(run_dir / "final", model, meta)
+    return result
+
+
+def _result(run_dir, model, history, normalization, data, val_source, started, base_meta) -> TrainResult:
+    return TrainResult(run_dir=run_dir, model=model, history=history, normalization=normalization,
+                       classes=list(data.classes), val_source=val_source,
+                       seconds=time.perf_counter() - started, meta=base_meta)
+
+
+def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int) -> None:
+    if not torch.isfinite(loss_sum):
+        raise TrainingError(f"the loss became NaN or infinite in epoch {epoch + 1} (by step {step + 1}); "
+                            f"stopping. The last good checkpoint is kept; lower the learning rate and resume "
+                            f"or start again.")
+
+
+def _try_resume(run_dir: Path, recipe: Recipe, log):
+    if not ckpts.checkpoint_dirs(run_dir):
+        log(f"no checkpoint in {run_dir}; starting from scratch")
+        return None
+    ckpt = ckpts.load_latest(run_dir, with_train_state=True, report=log)
+    saved = ckpt.train_state.get("recipe", {})
+    if saved and saved != asdict(recipe):
+        diff = {k: (saved.get(k), v) for k, v in asdict(recipe).items() if saved.get(k) != v}
+        raise CheckpointError(f"{ckpt.path}: --resume with a different recipe {diff} (saved, asked); "
+                              f"resume with the same settings or start a new run.")
+    world = dist_info().world
+    if ckpt.train_state.get("world_size", 1) != world:
+        raise CheckpointError(f"{ckpt.path}: saved with {ckpt.train_state.get('world_size')} processes, resumed "
+                              f"with {world}; resume with the same number of processes.")
+    ckpt.optimizer_tensors_rng = ckpt.optimizer_tensors.pop("rng.torch")
+    return ckpt
+
+
+def _bar(total: int, initial: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5)
+
+
+def _train_autocast(device: torch.device):
+    if device.type == "cuda":
+        # bf16 autocast: tensor-core speed without a gradient scaler (fp32 weights and optimizer).
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _maybe_compile(model, log):
+    try:
+        return torch.compile(model)
+    except Exception as e:  # unsupported platform or Python: eager is always correct
+        log(f"torch.compile unavailable ({type(e).__name__}: {e}); running eagerly")
+        return model
+
+
+def _tensorboard_writer(run_dir: Path, enabled: bool, log):
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log("--tensorboard needs the 'tensorboard' package (pip install 'cifarlab[tensorboard]'); skipping")
+        return None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))

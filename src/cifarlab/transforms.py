@@ -1,0 +1,100 @@
+"""Batch-level tensor transforms: normalization and augmentation, no per-image Python.
+
+Inputs are uint8 (N, 3, 32, 32) batches taken from the in-memory dataset by indexing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .data import CIFAR10_MEAN, CIFAR10_STD
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """x_norm = (x / 255 - mean) / std, per channel. Stored in every checkpoint."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def named(cls, name: str) -> "Normalization":
+        if name == "exercise":  # the exercise's x/255 - 0.5
+            return cls((0.5, 0.5, 0.5), (1.0, 1.0, 1.0))
+        if name == "standard":  # per-channel mean/std of CIFAR-10's training set
+            return cls(CIFAR10_MEAN, CIFAR10_STD)
+        raise ValueError(f"unknown normalization {name!r}: use 'exercise' or 'standard'")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Normalization":
+        return cls(tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]))
+
+    def to_dict(self) -> dict:
+        return {"mean": list(self.mean), "std": list(self.std)}
+
+    def __call__(self, images: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+        """uint8 (or 0..255 float) images -> normalized float; works on any device."""
+        scale = torch.tensor([255.0 * s for s in self.std], device=images.device, dtype=dtype).view(1, 3, 1, 1)
+        shift = torch.tensor([m / s for m, s in zip(self.mean, self.std)], device=images.device,
+                             dtype=dtype).view(1, 3, 1, 1)
+        return images.to(dtype) / scale - shift
+
+    def invert(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized float -> 0..255 float (not clipped)."""
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        return (x * std + mean) * 255.0
+
+
+def random_flip(x: torch.Tensor, generator=None) -> torch.Tensor:
+    mask = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
+    return torch.where(mask.view(-1, 1, 1, 1), x.flip(3), x)
+
+
+def random_translate(x: torch.Tensor, pad: int, generator=None) -> torch.Tensor:
+    """Random crop of a zero-padded image (translation by up to ``pad`` pixels), per image, in one gather."""
+    if pad <= 0:
+        return x
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=generator)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # n h 1
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]  # n 1 w
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    # Gathering from an NHWC view yields an NHWC (channels_last) result, the layout convs prefer on CPU.
+    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
+
+
+def random_cutout(x: torch.Tensor, size: int, generator=None) -> torch.Tensor:
+    """Zero a ``size`` x ``size`` square at a random place in each image."""
+    if size <= 0:
+        return x
+    n, _, h, w = x.shape
+    cy = torch.randint(0, h, (n, 1, 1), device=x.device, generator=generator)
+    cx = torch.randint(0, w, (n, 1, 1), device=x.device, generator=generator)
+    ys = torch.arange(h, device=x.device).view(1, h, 1)
+    xs = torch.arange(w, device=x.device).view(1, 1, w)
+    inside = ((ys - cy).abs() <= size // 2) & ((xs - cx).abs() <= size // 2)
+    return x.masked_fill(inside[:, None], 0.0)
+
+
+@dataclass(frozen=True)
+class Augment:
+    flip: bool = False
+    translate: int = 0
+    cutout: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.flip or self.translate > 0 or self.cutout > 0
+
+    def __call__(self, x: torch.Tensor, generator=None) -> torch.Tensor:
+        if self.flip:
+            x = random_flip(x, generator)
+        if self.translate:
+            x = random_translate(x, self.translate, generator)
+        if self.cutout:
+            x = random_cutout(x, self.cutout, generator)
+        return x
