@@ -1,0 +1,190 @@
+"""``cifarlab export CHECKPOINT --format onnx``: a self-contained ONNX model, normalization included.
+
+The ONNX model's contract (also stored in the file's metadata and doc string):
+
+* input ``pixels``: float32, shape (N, 3, 32, 32), N dynamic; RGB, channels first (NCHW), raw 0..255
+  values exactly as in the image (not divided by 255, not normalized; the checkpoint's normalization is
+  the first operation of the graph);
+* output ``logits``: float32 (N, num_classes);
+* output ``probabilities``: float32 (N, num_classes), the softmax of the logits;
+* metadata ``cifarlab.classes`` (JSON list, index = class id), ``cifarlab.normalization``,
+  ``cifarlab.architecture``.
+
+Images of another size must first be brought to 32x32 as ``cifarlab.images.load_image`` does. The graph
+is the plain model in eval mode (dropout off, batchnorm running statistics); flip test-time augmentation
+is not part of it. The file is verified with onnxruntime (when installed) before it is written,
+atomically.
+"""
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoints import Checkpoint, load_checkpoint
+from .errors import CifarlabError
+from .evaluate import predict_logits
+from .fsutil import atomic_write_bytes
+from .transforms import Normalization
+
+INPUT_NAME = "pixels"
+OUTPUT_NAMES = ("logits", "probabilities")
+DEFAULT_OPSET = 17
+VERIFY_TOLERANCE = 1e-3  # max |logit difference| on random pixels accepted at export time
+
+
+class PixelsModel(nn.Module):
+    """``model(normalization(pixels))`` and its softmax, with the normalization as graph constants.
+
+    Uses the same arithmetic as :class:`cifarlab.transforms.Normalization` (x / (255 std) - mean / std),
+    so the exported logits match PyTorch's to float rounding.
+    """
+
+    def __init__(self, model: nn.Module, normalization: Normalization):
+        super().__init__()
+        self.model = model
+        self.register_buffer("scale", torch.tensor([255.0 * s for s in normalization.std]).view(1, 3, 1, 1))
+        self.register_buffer("shift", torch.tensor([m / s for m, s in zip(normalization.mean,
+                                                                          normalization.std)]).view(1, 3, 1, 1))
+
+    def forward(self, pixels: torch.Tensor):
+        logits = self.model(pixels / self.scale - self.shift)
+        return logits, torch.softmax(logits, dim=1)
+
+
+def _require_onnx():
+    try:
+        import onnx
+    except ImportError:
+        raise CifarlabError("ONNX export needs the 'onnx' package: pip install 'cifarlab[onnx]'") from None
+    return onnx
+
+
+def onnx_bytes(ckpt: Checkpoint, opset: int = DEFAULT_OPSET) -> bytes:
+    """The checkpoint's model as a serialized ONNX model (see the module docstring for its contract)."""
+    onnx = _require_onnx()
+    normalization = Normalization.from_dict(ckpt.meta["normalization"])
+    wrapped = PixelsModel(ckpt.model.float().cpu().eval(), normalization).eval()
+    example = torch.full((1, 3, 32, 32), 127.0)
+    buffer = io.BytesIO()
+    batch = {0: "batch"}
+    kwargs = dict(input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), opset_version=opset,
+                  dynamic_axes={INPUT_NAME: batch, OUTPUT_NAMES[0]: batch, OUTPUT_NAMES[1]: batch})
+    with warnings.catch_warnings():
+        # The TorchScript-based exporter is deprecated but needs no extra packages (the dynamo-based
+        # one needs onnxscript) and handles every layer cifarlab declares.
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(wrapped, (example,), buffer, dynamo=False, **kwargs)
+        except TypeError:  # torch < 2.5 has no 'dynamo' argument (and only this exporter)
+            buffer = io.BytesIO()
+            torch.onnx.export(wrapped, (example,), buffer, **kwargs)
+    proto = onnx.load_from_string(buffer.getvalue())
+    _describe(proto, ckpt, normalization)
+    onnx.checker.check_model(proto)
+    return proto.SerializeToString()
+
+
+def _describe(proto, ckpt: Checkpoint, normalization: Normalization) -> None:
+    from . import __version__
+
+    arch = ckpt.meta["architecture"].get("name", "custom")
+    proto.producer_name, proto.producer_version = "cifarlab", __version__
+    proto.graph.name = arch
+    proto.doc_string = (f"cifarlab {arch}: input '{INPUT_NAME}' float32 (N, 3, 32, 32) RGB NCHW raw 0..255 "
+                        f"pixels (normalization is inside); outputs 'logits' and 'probabilities' (N, "
+                        f"{len(ckpt.meta['classes'])}); classes in metadata 'cifarlab.classes'.")
+    meta = {"cifarlab.classes": json.dumps(list(ckpt.meta["classes"])),
+            "cifarlab.normalization": json.dumps(normalization.to_dict()),
+            "cifarlab.architecture": arch,
+            "cifarlab.input": f"{INPUT_NAME}: float32 (N, 3, 32, 32), RGB, 0..255",
+            "cifarlab.weights_sha256": str(ckpt.meta.get("weights_sha256", ""))}
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def run_onnx(model: bytes | str | Path, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, probabilities) from onnxruntime for float32 pixels (N, 3, 32, 32) in 0..255."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise CifarlabError("running an ONNX model needs 'onnxruntime': pip install 'cifarlab[onnx]'") from None
+    source = model if isinstance(model, bytes) else str(model)
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    logits, probabilities = session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(pixels, np.float32)})
+    return logits, probabilities
+
+
+def compare_with_torch(model: bytes | str | Path, ckpt: Checkpoint, images: torch.Tensor) -> dict:
+    """Run uint8 images (N, 3, 32, 32) through ONNX and PyTorch; max |logit diff| and prediction agreement."""
+    normalization = Normalization.from_dict(ckpt.meta["normalization"])
+    expected = predict_logits(ckpt.model, images, normalization).numpy()
+    logits, _ = run_onnx(model, images.numpy().astype(np.float32))
+    return {"images": len(images), "max_abs_logit_diff": float(np.abs(logits - expected).max()),
+            "same_predictions": bool((logits.argmax(1) == expected.argmax(1)).all())}
+
+
+def export_onnx(ckpt: Checkpoint, out: str | Path, opset: int = DEFAULT_OPSET, verify: bool = True) -> dict:
+    """Write the ONNX model atomically; with ``verify``, first check it against PyTorch in onnxruntime."""
+    data = onnx_bytes(ckpt, opset)
+    report = {"path": str(out), "bytes": len(data), "opset": opset}
+    if verify and _has_onnxruntime():
+        # Random pixels exercise every input value range; 16 images take milliseconds.
+        images = torch.randint(0, 256, (16, 3, 32, 32), generator=torch.Generator().manual_seed(0),
+                               dtype=torch.uint8)
+        check = compare_with_torch(data, ckpt, images)
+        if not check["max_abs_logit_diff"] <= VERIFY_TOLERANCE:
+            raise CifarlabError(f"the exported ONNX model disagrees with PyTorch (max |logit diff| "
+                                f"{check['max_abs_logit_diff']:.3g} > {VERIFY_TOLERANCE}); not writing {out}.")
+        report["verified"] = check
+    atomic_write_bytes(out, data)
+    return report
+
+
+def _has_onnxruntime() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def default_output(checkpoint: str | Path) -> Path:
+    """Beside a .safetensors file (same name, .onnx), else ``model.onnx`` inside the run/checkpoint folder."""
+    path = Path(checkpoint)
+    return path.with_suffix(".onnx") if path.suffix == ".safetensors" else path / "model.onnx"
+
+
+def cmd_export(args) -> int:
+    ckpt = load_checkpoint(args.checkpoint)
+    out = Path(args.out) if args.out else default_output(args.checkpoint)
+    report = export_onnx(ckpt, out, opset=args.opset, verify=not args.no_verify)
+    verified = report.get("verified")
+    print(f"wrote {out} ({report['bytes'] / 1e6:.1f} MB, ONNX opset {report['opset']}); input '{INPUT_NAME}' "
+          f"float32 (N, 3, 32, 32) RGB 0..255, outputs 'logits' and 'probabilities'")
+    if verified:
+        print(f"checked in onnxruntime against PyTorch on {verified['images']} images: max |logit diff| "
+              f"{verified['max_abs_logit_diff']:.2g}, same predictions: {verified['same_predictions']}")
+    return 0
+
+
+def add_cli(sub) -> None:
+    from .cli import _bounded_int
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX (normalization included)",
+                       description="Export to ONNX. Input 'pixels': float32 (N, 3, 32, 32), RGB, raw 0..255 "
+                                   "(the checkpoint's normalization is inside the graph); outputs 'logits' and "
+                                   "'probabilities'; class names in the metadata 'cifarlab.classes'.")
+    p.add_argument("checkpoint", help="a run folder, a checkpoint folder or a .safetensors file")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="output format (default: onnx)")
+    p.add_argument("--out", help="output file (default: model.onnx in the run folder, or beside the file)")
+    p.add_argument("--opset", type=_bounded_int(13, 20), default=DEFAULT_OPSET,
+                   help=f"ONNX opset version (default: {DEFAULT_OPSET})")
+    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check against PyTorch")
+    p.set_defaults(func=cmd_export)
