@@ -6,10 +6,11 @@ TORCH_SPEC ?= torch==2.13.0
 # Extra pip options for installing torch, e.g. PIP_TORCH_OPTS="--index-url <PyTorch's CPU wheel index>"
 PIP_TORCH_OPTS ?=
 ARGS ?=
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 BIN := $(VENV)/bin
 
-.PHONY: run test setup clean-venv bench
+.PHONY: run test setup test-deps clean-venv
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +24,13 @@ setup: $(BIN)/.installed
 run: setup
 	$(BIN)/cifarlab run $(ARGS)
 
-test: setup
+# The report test opens the HTML in a real headless Chromium (Debian's package).
+test-deps:
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || \
+	  { echo "installing Debian's chromium + chromium-driver for the browser test"; \
+	    $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+test: setup test-deps
 	$(BIN)/python -m pytest $(ARGS)
 
 clean-venv:

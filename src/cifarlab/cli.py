@@ -85,6 +85,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files")
     r.add_argument("--max-steps", type=_bounded_int(1, 10 ** 9), help=argparse.SUPPRESS)
+    r.add_argument("--train-subset", type=_bounded_int(1, 50_000),
+                   help="train on the first N training images only (quick checks; evaluation still uses all test images)")
     _add_data_args(p)
 
 
@@ -133,6 +135,11 @@ def _train_run(args, evaluate_after: bool):
     if not args.resume and (run_dir / "checkpoints").exists():
         raise CifarlabError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --name.")
     data = _load_data(args)
+    if args.train_subset:
+        from .data import CIFAR10
+
+        data = CIFAR10(train=data.train.subset(slice(0, args.train_subset)), test=data.test,
+                       classes=data.classes, root=data.root)
     is_main = dist_info().is_main
     log = print if is_main else (lambda *a, **k: None)
     try:

@@ -45,8 +45,8 @@ RECORD_BYTES = 1 + 3 * 32 * 32
 NUM_CLASSES = 10
 # Mean and std of the training set per channel, in 0..1 units (computed from the real data; the
 # tests check these against the files).
-CIFAR10_MEAN = (0.4914009, 0.48215896, 0.4465308)
-CIFAR10_STD = (0.24703279, 0.24348423, 0.26158753)
+CIFAR10_MEAN = (0.4913997, 0.4821584, 0.4465309)
+CIFAR10_STD = (0.2470322, 0.2434851, 0.2615878)
 
 DOWNLOAD_HINT = (
     "Delete the folder to let cifarlab download a fresh copy, or point --data-dir / CIFARLAB_DATA at a "

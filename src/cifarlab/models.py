@@ -185,7 +185,7 @@ def _layer_params(layer: dict, shape: tuple) -> tuple[tuple, int]:
 
 
 def _fmt_shape(shape) -> str:
-    return "(" + ", ".join(str(s) for s in shape) + ")"
+    return str(tuple(shape))
 
 
 def validate(declaration: dict, num_classes: int = 10) -> dict:

@@ -1,0 +1,64 @@
+"""Shared fixtures: the real CIFAR-10 data (from ../shared or $CIFARLAB_DATA) and a small trained run."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def real_data_dir() -> Path | None:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cifarlab" / "cifar-10-batches-bin"
+    # $CIFARLAB_DATA (CI), the shared copy beside the repository (development), or what `make run` downloaded.
+    candidates = [os.environ.get("CIFARLAB_DATA"), REPO.parent / "shared" / "cifar-10-batches-bin", cache]
+    for c in candidates:
+        if c and (Path(c) / "data_batch_1.bin").is_file():
+            return Path(c)
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Tests never touch the user's ~/.cache/cifarlab; verification stamps are shared per session."""
+    cache = tmp_path_factory.getbasetemp() / "cifarlab-cache"
+    monkeypatch.setenv("CIFARLAB_CACHE", str(cache))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    found = real_data_dir()
+    if found is None:
+        pytest.fail("the real CIFAR-10 binary data is needed: set CIFARLAB_DATA to a cifar-10-batches-bin folder "
+                    "(CI uses ../shared/cifar-10-batches-bin)")
+    return found
+
+
+@pytest.fixture(scope="session")
+def cifar(data_dir, tmp_path_factory):
+    """The real dataset, loaded once per test session."""
+    os.environ["CIFARLAB_CACHE"] = str(tmp_path_factory.getbasetemp() / "cifarlab-cache")
+    from cifarlab.data import load_cifar10
+
+    return load_cifar10(data_dir, download=False)
+
+
+@pytest.fixture(scope="session")
+def trained_run(cifar, tmp_path_factory):
+    """The exercise net trained for 1 short epoch (3,000 images) on real data: a real, small checkpoint.
+
+    Returns the run folder (with checkpoints/ and final/). About 5 s on 2 cores.
+    """
+    import torch
+
+    from cifarlab.data import CIFAR10
+    from cifarlab.train import recipe_from, train
+
+    torch.manual_seed(0)
+    small = CIFAR10(train=cifar.train.subset(slice(0, 3000)), test=cifar.test.subset(slice(0, 1000)),
+                    classes=cifar.classes, root=cifar.root)
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    train(recipe_from("exercise", epochs=1), small, run_dir, progress=False, log=lambda *a, **k: None)
+    return run_dir
