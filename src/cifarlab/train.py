@@ -114,8 +114,8 @@ def make_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimi
         groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov)
     cls = {"adamax": torch.optim.Adamax, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[recipe.optimizer]
-    # eps=1e-7 is Keras's default epsilon for Adamax/Adam.
-    return cls(params, lr=recipe.lr, weight_decay=recipe.weight_decay, eps=1e-7)
+    # eps=1e-8: Keras 2.0.6's Adamax default, the exercise's (and PyTorch's) value.
+    return cls(params, lr=recipe.lr, weight_decay=recipe.weight_decay, eps=1e-8)
 
 
 def learning_rate(recipe: Recipe, epoch: int, step: int, steps_per_epoch: int) -> float:
