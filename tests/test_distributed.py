@@ -33,6 +33,10 @@ DECLARATION = {"name": "ddp-small", "layers": [
     {"type": "conv", "filters": 8}, {"type": "relu"}, {"type": "maxpool"},
     {"type": "conv", "filters": 16}, {"type": "relu"}, {"type": "maxpool"},
     {"type": "flatten"}, {"type": "dense", "units": 10}]}
+# With dropout each rank draws its own masks (train() seeds rank r differently), which a resume must restore.
+DROPOUT_DECLARATION = {"name": "ddp-dropout", "layers": [
+    {"type": "conv", "filters": 8}, {"type": "relu"}, {"type": "maxpool"}, {"type": "dropout", "rate": 0.25},
+    {"type": "flatten"}, {"type": "dense", "units": 10}]}
 
 DRIVER = textwrap.dedent("""
     import json, sys
@@ -45,13 +49,14 @@ DRIVER = textwrap.dedent("""
     arrays = np.load(cfg["data"])
     split = lambda p: Split(torch.from_numpy(arrays[p + "_images"]), torch.from_numpy(arrays[p + "_labels"]))
     data = CIFAR10(train=split("train"), test=split("test"), classes=cfg["classes"])
-    recipe = recipe_from("exercise", **cfg["recipe"])
     quiet = dict(progress=False, log=lambda *a, **k: None)
-    train(recipe, data, cfg["full"], **quiet)
-    train(recipe, data, cfg["resumed"], max_steps=cfg["stop_after"], **quiet)
-    dist.barrier()  # rank 0 has written the checkpoint before anyone resumes from it
-    train(recipe, data, cfg["resumed"], resume=True, **quiet)
-    dist.barrier()
+    for job in cfg["jobs"]:
+        recipe = recipe_from("exercise", **job["recipe"])
+        train(recipe, data, job["full"], **quiet)
+        train(recipe, data, job["resumed"], max_steps=cfg["stop_after"], **quiet)
+        dist.barrier()  # rank 0 has written the checkpoint before anyone resumes from it
+        train(recipe, data, job["resumed"], resume=True, **quiet)
+        dist.barrier()
     dist.destroy_process_group()
 """)
 
@@ -69,14 +74,17 @@ def _max_diff(a: dict, b: dict) -> float:
 @pytest.fixture(scope="module")
 def runs(cifar, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
-    decl_path = tmp / "ddp_small.json"
+    decl_path, dropout_path = tmp / "ddp_small.json", tmp / "ddp_dropout.json"
     decl_path.write_text(json.dumps(DECLARATION))
+    dropout_path.write_text(json.dumps(DROPOUT_DECLARATION))
     small = _subset(cifar)
     np.savez(tmp / "data.npz", train_images=small.train.images.numpy(), train_labels=small.train.labels.numpy(),
              test_images=small.test.images.numpy(), test_labels=small.test.labels.numpy())
     recipe = {"model": str(decl_path), "epochs": EPOCHS, "batch_size": PER_RANK_BATCH, "seed": 3}
-    cfg = {"data": str(tmp / "data.npz"), "classes": list(cifar.classes), "recipe": recipe,
-           "full": str(tmp / "ddp"), "resumed": str(tmp / "ddp-resumed"), "stop_after": STOP_AFTER}
+    jobs = [{"recipe": recipe, "full": str(tmp / "ddp"), "resumed": str(tmp / "ddp-resumed")},
+            {"recipe": dict(recipe, model=str(dropout_path)), "full": str(tmp / "dropout"),
+             "resumed": str(tmp / "dropout-resumed")}]
+    cfg = {"data": str(tmp / "data.npz"), "classes": list(cifar.classes), "jobs": jobs, "stop_after": STOP_AFTER}
     (tmp / "cfg.json").write_text(json.dumps(cfg))
     (tmp / "driver.py").write_text(DRIVER)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -112,6 +120,15 @@ def test_only_rank_0_wrote_and_meta_records_the_world_size(runs):
 def test_resume_under_ddp_matches_the_uninterrupted_run(runs):
     diff = _max_diff(_weights(runs / "ddp-resumed"), _weights(runs / "ddp"))
     print(f"\nDDP interrupted at step {STOP_AFTER} and resumed vs uninterrupted: max |weight diff| = {diff:.3g}")
+    assert diff < ATOL
+
+
+@pytest.mark.xfail(strict=True, reason="train.py restores rank 0's RNG state on every rank when resuming, so "
+                   "rank 1's dropout masks after a resume differ from the uninterrupted run's (see the fix in "
+                   "the DDP notes: save every rank's RNG state)")
+def test_resume_under_ddp_with_dropout_matches_the_uninterrupted_run(runs):
+    diff = _max_diff(_weights(runs / "dropout-resumed"), _weights(runs / "dropout"))
+    print(f"\nDDP with dropout, resumed vs uninterrupted: max |weight diff| = {diff:.3g}")
     assert diff < ATOL
 
 
