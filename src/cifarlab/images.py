@@ -17,9 +17,9 @@ How a file becomes 32x32 RGB, in order:
    **transparency** (RGBA, LA, PA, or a palette/colour-key ``transparency`` entry) is composited onto
    an opaque **white** background (``BACKGROUND``); floating-point (``F``) and CIELab images are refused.
    Embedded ICC profiles are not applied: values are taken as sRGB.
-5. **Center crop to a square** (the largest centered square; for odd margins the extra pixel goes to the
-   right/bottom), then **resize to 32x32 with Lanczos** (Pillow's Lanczos widens its kernel when
-   shrinking, so it anti-aliases). A 32x32 input passes through unchanged.
+5. **Center crop to a square** (the largest centered square; when the cut-off margin is odd, the
+   right/bottom side loses one pixel more), then **resize to 32x32 with Lanczos** (Pillow's Lanczos
+   widens its kernel when shrinking, so it anti-aliases). A 32x32 input passes through unchanged.
 
 Every failure raises :class:`cifarlab.errors.ImageError` with the file name and the reason.
 """
