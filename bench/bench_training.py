@@ -1,0 +1,183 @@
+"""Training throughput side by side, in one run, on one machine: cifarlab vs a plain PyTorch loop vs Keras 3.
+
+All three train the exercise's network with the exercise's recipe (batch 32, Adamax 5e-3, x/255 - 0.5)
+on the same real CIFAR-10 images, for --steps steps per repeat; the table shows the median images/s over
+--repeats and the ratio to Keras. Keras runs in its own virtual environment (bench/.venv-keras, created
+on first use with `pip install tensorflow-cpu`), never as a cifarlab dependency.
+
+    python bench/bench_training.py --data-dir ../shared/cifar-10-batches-bin [--steps 300] [--repeats 3]
+    python bench/bench_training.py ... --presets        # also the fast / airbench94 presets (train + eval img/s)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import header, median, table  # noqa: E402
+
+from cifarlab.data import CIFAR10, load_cifar10  # noqa: E402
+from cifarlab.evaluate import predict_logits  # noqa: E402
+from cifarlab.train import recipe_from, train  # noqa: E402
+from cifarlab.transforms import Normalization  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
+KERAS_VENV = BENCH / ".venv-keras"
+KERAS_SPEC = "tensorflow-cpu==2.21.0"
+
+
+# ---------------------------------------------------------------------------------------------------
+# cifarlab: the real training loop (train()), timed by the loop itself (evaluation excluded)
+
+
+def cifarlab_rate(data: CIFAR10, preset: str, steps: int, repeats: int, **overrides) -> float:
+    recipe = recipe_from(preset, epochs=1, **overrides)
+    n = steps * recipe.batch_size
+    small = CIFAR10(data.train.subset(slice(0, n)), data.test.subset(slice(0, 100)), data.classes)
+    rates = []
+    for r in range(repeats + 1):  # the first repeat warms up allocators and kernels
+        result = train(recipe, small, Path(f"/tmp/cifarlab-bench/{preset}-{r}"), progress=False, log=lambda *a: None)
+        rates.append(result.history[0]["images_per_s"])
+    return median(rates[1:])
+
+
+def eval_rate(data: CIFAR10, preset: str, repeats: int) -> float:
+    from cifarlab.models import build_model
+
+    recipe = recipe_from(preset)
+    model = build_model(recipe.model).to(memory_format=torch.channels_last)
+    norm = Normalization.named(recipe.normalization)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        predict_logits(model, data.test.images, norm, tta=recipe.tta)
+        times.append(time.perf_counter() - start)
+    return len(data.test) / median(times[1:])
+
+
+# ---------------------------------------------------------------------------------------------------
+# A plain PyTorch eager loop in the style of the official CIFAR-10 tutorial: a Dataset returning one
+# normalized image at a time, a DataLoader, an nn.Module with the layers as attributes, NCHW, default init.
+
+
+class TutorialNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.conv3 = nn.Conv2d(32, 32, 3, padding=1)
+        self.conv4 = nn.Conv2d(32, 64, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.drop1, self.drop2, self.drop3 = nn.Dropout(0.25), nn.Dropout(0.25), nn.Dropout(0.5)
+        self.fc1 = nn.Linear(64 * 8 * 8, 256)
+        self.fc2 = nn.Linear(256, 10)
+
+    def forward(self, x):
+        x = self.drop1(self.pool(F.leaky_relu(self.conv2(F.leaky_relu(self.conv1(x), 0.1)), 0.1)))
+        x = self.drop2(self.pool(F.leaky_relu(self.conv4(F.leaky_relu(self.conv3(x), 0.1)), 0.1)))
+        x = self.drop3(F.leaky_relu(self.fc1(torch.flatten(x, 1)), 0.1))
+        return self.fc2(x)
+
+
+class TutorialDataset(torch.utils.data.Dataset):
+    def __init__(self, images_hwc: np.ndarray, labels: np.ndarray):
+        self.images, self.labels = images_hwc, labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):  # like ToTensor() + Normalize((0.5,)*3, (1,)*3): one image at a time
+        x = torch.from_numpy(self.images[i]).permute(2, 0, 1).float().div(255).sub(0.5)
+        return x, int(self.labels[i])
+
+
+def plain_pytorch_rate(data: CIFAR10, steps: int, repeats: int) -> float:
+    n = steps * 32
+    images = data.train.images[:n].permute(0, 2, 3, 1).numpy()
+    labels = data.train.labels[:n].numpy()
+    loader = torch.utils.data.DataLoader(TutorialDataset(images, labels), batch_size=32, shuffle=True)
+    net = TutorialNet()
+    optimizer = torch.optim.Adamax(net.parameters(), lr=5e-3)
+    criterion = nn.CrossEntropyLoss()
+    rates = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        for inputs, targets in loader:
+            optimizer.zero_grad()
+            loss = criterion(net(inputs), targets)
+            loss.backward()
+            optimizer.step()
+        rates.append(n / (time.perf_counter() - start))
+    return median(rates[1:])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Keras 3 / TensorFlow CPU, in its own environment
+
+
+def ensure_keras_venv() -> Path:
+    python = KERAS_VENV / "bin" / "python"
+    if not python.exists():
+        print(f"creating {KERAS_VENV} with {KERAS_SPEC} (once)...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(KERAS_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", KERAS_SPEC], check=True)
+    return python
+
+
+def keras_run(data_dir: Path, *args: str) -> dict:
+    python = ensure_keras_venv()
+    proc = subprocess.run([str(python), str(BENCH / "keras_exercise.py"), str(data_dir), *args],
+                          capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--steps", type=int, default=300, help="training steps per repeat")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-keras", action="store_true")
+    ap.add_argument("--presets", action="store_true", help="also measure the fast and airbench94 presets")
+    args = ap.parse_args()
+    data = load_cifar10(args.data_dir, download=False)
+    header("Training throughput, exercise net and recipe (batch 32)",
+           f"images/s of training, median of {args.repeats} repeats of {args.steps} steps after one warm-up; "
+           f"evaluation excluded")
+    rows = []
+    if not args.no_keras:
+        k = keras_run(data.root, "--steps", str(args.steps), "--repeats", str(args.repeats))
+        rows.append({"implementation": k["framework"] + " (CPU)", "train img/s": k["images_per_s"]})
+    rows.append({"implementation": "plain PyTorch eager (tutorial style, NCHW, DataLoader)",
+                 "train img/s": plain_pytorch_rate(data, args.steps, args.repeats)})
+    rows.append({"implementation": "cifarlab --preset exercise",
+                 "train img/s": cifarlab_rate(data, "exercise", args.steps, args.repeats)})
+    base = rows[0]["train img/s"]
+    for r in rows:
+        r["vs first row"] = f"{r['train img/s'] / base:.2f}x"
+        r["s/epoch (50k)"] = 50_000 / r["train img/s"]
+    print(table(rows, ["implementation", "train img/s", "s/epoch (50k)", "vs first row"]))
+
+    if args.presets:
+        print()
+        header("cifarlab presets", "train img/s (median, as above; batch = the preset's) and eval img/s on the "
+               "10,000 test images (with the preset's flip TTA)")
+        prows = []
+        for preset in ("exercise", "fast", "airbench94"):
+            steps = max(20, args.steps * 32 // recipe_from(preset).batch_size)
+            prows.append({"preset": preset, "batch": recipe_from(preset).batch_size,
+                          "train img/s": cifarlab_rate(data, preset, steps, args.repeats),
+                          "eval img/s": eval_rate(data, preset, args.repeats)})
+        print(table(prows, ["preset", "batch", "train img/s", "eval img/s"]))
+
+
+if __name__ == "__main__":
+    main()
