@@ -1,0 +1,291 @@
+"""One self-contained HTML report per run: ``RUN/report.html``.
+
+Everything a reader needs to judge a run on one page, readable offline: the model summary, the recipe,
+the final numbers, training curves, confusion matrix, per-class accuracy, prediction gallery, worst
+mistakes, maximum stimuli per layer, class stimuli with the net's probabilities, first-layer filters,
+activation maps, saliency and Grad-CAM. Images are inlined as base64 PNG data URIs, there is no script
+and no external resource, so the file can be mailed or archived alone.
+
+Inputs come from the run folder where they exist (``eval/results.json`` and its PNGs from
+:func:`cifarlab.pipeline.evaluate_to_folder`, ``training_curves.png``) and are computed where they do
+not. Visualizations are rendered into ``RUN/visualize/``.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import time
+from pathlib import Path
+
+from . import plots
+from .errors import CifarlabError
+from .fsutil import atomic_write_text
+from .models import summary
+
+SECTIONS = [
+    ("overview", "Overview"), ("results", "Final numbers"), ("curves", "Training curves"),
+    ("confusion", "Confusion matrix"), ("per-class", "Per-class accuracy"), ("gallery", "Predictions"),
+    ("mistakes", "Worst mistakes"), ("stimuli", "Maximum stimuli per layer"), ("classes", "Class stimuli"),
+    ("filters", "First-layer filters"), ("activations", "Activation maps"),
+    ("attributions", "Saliency and Grad-CAM"), ("model", "Model summary"), ("recipe", "Recipe"),
+]
+
+EVAL_PNGS = ("confusion_matrix.png", "per_class_accuracy.png", "gallery.png", "worst_mistakes.png")
+
+
+class ReportError(CifarlabError):
+    """The report cannot be built (no run folder, no checkpoint, unreadable results)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gathering the inputs
+
+
+def _load_inputs(run_dir: Path, ckpt, data, log):
+    if not run_dir.is_dir():
+        raise ReportError(f"{run_dir}: not a run folder (it does not exist or is a file)")
+    if ckpt is None:
+        from .checkpoints import load_checkpoint
+
+        ckpt = load_checkpoint(run_dir)
+    if data is None:
+        from .data import load_cifar10
+
+        log("loading CIFAR-10 for the report")
+        data = load_cifar10(download=False, progress=False)
+    return ckpt, data
+
+
+def _results(run_dir: Path, ckpt, data, log) -> dict:
+    """``eval/results.json`` if it describes this checkpoint and its plots exist, else evaluate now."""
+    from .pipeline import evaluate_to_folder
+
+    eval_dir = run_dir / "eval"
+    path = eval_dir / "results.json"
+    if path.exists() and all((eval_dir / name).exists() for name in EVAL_PNGS):
+        try:
+            results = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ReportError(f"{path}: cannot read it ({e}); delete it to let the report recompute it") from None
+        if _same_path(results.get("checkpoint"), ckpt.path):
+            return results
+        log(f"{path} is for another checkpoint ({results.get('checkpoint')}); evaluating {ckpt.path}")
+    else:
+        log(f"evaluating {ckpt.path} on the test set into {eval_dir}")
+    seed = int(ckpt.meta.get("recipe", {}).get("seed", 0))
+    evaluate_to_folder(ckpt, data, eval_dir, seed=seed)
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _same_path(a, b) -> bool:
+    return a is not None and Path(a).resolve() == Path(b).resolve()
+
+
+def _curves(run_dir: Path, ckpt) -> Path | None:
+    path = run_dir / "training_curves.png"
+    if path.exists():
+        return path
+    history = ckpt.meta.get("history") or []
+    if not history:
+        return None
+    return plots.training_curves(history, path, val_source=ckpt.meta.get("val_source", "validation"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# HTML pieces
+
+
+def _esc(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _img(path, alt: str) -> str:
+    """An <img> with the PNG inlined; a visible note instead if the file is missing."""
+    if path is None or not Path(path).exists():
+        return f'<p class="missing">Not available: {_esc(alt)}.</p>'
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f'<figure><img src="data:image/png;base64,{data}" alt="{_esc(alt)}"></figure>'
+
+
+def _table(header: list[str], rows: list[list], numeric_from: int = 1) -> str:
+    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f'<td class="{"num" if i >= numeric_from else ""}">{_esc(v)}</td>'
+                                    for i, v in enumerate(row)) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _section(sid: str, body: str, intro: str = "") -> str:
+    title = dict(SECTIONS)[sid]
+    intro_html = f'<p class="intro">{intro}</p>' if intro else ""
+    return f'<section id="{sid}"><h2>{_esc(title)}</h2>{intro_html}{body}</section>'
+
+
+def _pct(v) -> str:
+    return f"{100 * v:.2f}%"
+
+
+CSS = """
+:root { --ink: #1f2328; --muted: #59636e; --line: #d8dee4; --bg: #f6f8fa; --accent: #0969da; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--ink); }
+header { padding: 24px 32px 12px; border-bottom: 1px solid var(--line); background: var(--bg); }
+header h1 { margin: 0 0 4px; font-size: 24px; }
+header p { margin: 0; color: var(--muted); }
+nav { position: sticky; top: 0; background: #fff; border-bottom: 1px solid var(--line); padding: 8px 32px;
+      display: flex; flex-wrap: wrap; gap: 4px 14px; font-size: 13px; z-index: 1; }
+nav a { color: var(--accent); text-decoration: none; }
+nav a:hover { text-decoration: underline; }
+main { max-width: 1280px; margin: 0 auto; padding: 8px 32px 48px; }
+section { padding: 16px 0; border-bottom: 1px solid var(--line); }
+h2 { font-size: 19px; margin: 8px 0 10px; }
+h3 { font-size: 15px; margin: 16px 0 6px; color: var(--muted); }
+.intro, .missing { color: var(--muted); max-width: 900px; }
+figure { margin: 8px 0; }
+img { max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 4px; background: #fff; }
+pre { background: var(--bg); border: 1px solid var(--line); border-radius: 6px; padding: 12px; overflow-x: auto;
+      font-size: 12.5px; line-height: 1.35; }
+table { border-collapse: collapse; margin: 8px 0; font-size: 14px; }
+th, td { border: 1px solid var(--line); padding: 4px 10px; text-align: left; }
+th { background: var(--bg); }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.cards { display: flex; flex-wrap: wrap; gap: 12px; margin: 8px 0; }
+.card { border: 1px solid var(--line); border-radius: 8px; padding: 10px 16px; min-width: 160px; }
+.card .value { font-size: 24px; font-weight: 600; }
+.card .label { color: var(--muted); font-size: 13px; }
+"""
+
+
+def _cards(results: dict, ckpt) -> str:
+    items = [(_pct(results["accuracy"]), "test accuracy" + (" (flip TTA)" if results.get("tta") else "")),
+             (f"{results['loss']:.4f}", "test loss"), (f"{results['num_images']:,}", "test images"),
+             (f"{ckpt.model.num_parameters():,}", "parameters"),
+             (str(ckpt.meta.get("epoch", "?")), "epochs trained")]
+    if ckpt.meta.get("train_seconds"):
+        items.append((f"{ckpt.meta['train_seconds']:.0f} s", "training time"))
+    return '<div class="cards">' + "".join(
+        f'<div class="card"><div class="value">{_esc(v)}</div><div class="label">{_esc(k)}</div></div>'
+        for v, k in items) + "</div>"
+
+
+def _probability_table(probs: dict[str, dict[str, float]]) -> str:
+    methods = list(probs)
+    classes = list(next(iter(probs.values()))) if probs else []
+    rows = [[c] + [f"{probs[m][c]:.3f}" for m in methods] for c in classes]
+    rows.append(["minimum"] + [f"{min(probs[m].values()):.3f}" for m in methods])
+    return _table(["class"] + [f"p(class | stimulus), {m} method" for m in methods], rows)
+
+
+def _html(run_dir: Path, ckpt, results: dict, curves, vis, visualize_seconds: float) -> str:
+    eval_dir = run_dir / "eval"
+    classes = results["classes"]
+    recipe = ckpt.meta.get("recipe", {})
+    files = vis.files
+    stimuli = [(k[len("stimuli_"):], v) for k, v in files.items() if k.startswith("stimuli_")]
+    per_class_rows = [[c, _pct(results["per_class_accuracy"][c])] for c in classes]
+    mistakes = [[m["index"], m["true"], m["predicted"], f"{m['score']:.3f}"] for m in results.get("worst_mistakes", [])]
+    parts = [
+        _section("overview", _cards(results, ckpt) + _table(["", ""], [
+            ["run folder", str(run_dir)], ["checkpoint", str(ckpt.path)],
+            ["architecture", ckpt.meta.get("architecture", {}).get("name", "?")],
+            ["validation during training", ckpt.meta.get("val_source", "?")],
+            ["versions", ", ".join(f"{k} {v}" for k, v in ckpt.meta.get("versions", {}).items())]], 2)),
+        _section("results", _table(["metric", "value"], [
+            ["test accuracy", _pct(results["accuracy"])], ["test loss (cross-entropy)", f"{results['loss']:.4f}"],
+            ["test images", f"{results['num_images']:,}"], ["flip TTA", "yes" if results.get("tta") else "no"]])),
+        _section("curves", _img(curves, "training curves"),
+                 f"Loss and accuracy per epoch; validation on the {_esc(ckpt.meta.get('val_source', 'validation set'))}."),
+        _section("confusion", _img(eval_dir / "confusion_matrix.png", "confusion matrix")),
+        _section("per-class", _img(eval_dir / "per_class_accuracy.png", "per-class accuracy")
+                 + _table(["class", "test accuracy"], per_class_rows)),
+        _section("gallery", _img(eval_dir / "gallery.png", "random test predictions"),
+                 "Random test images with the predicted class, its probability and the true class."),
+        _section("mistakes", _img(eval_dir / "worst_mistakes.png", "most confident mistakes")
+                 + _table(["test index", "true", "predicted", "probability"], mistakes, 3),
+                 "The wrong predictions the net was most sure of."),
+        _section("stimuli", "".join(f"<h3>{_esc(name)}</h3>" + _img(path, f"maximum stimuli of {name}")
+                                    for name, path in stimuli),
+                 f"For every channel of every conv layer (after its activation), the input found by gradient "
+                 f"ascent that maximizes the channel's mean activation; all channels of a layer optimized as "
+                 f"one batch in {visualize_seconds:.1f} s in all."),
+        _section("classes", "".join(f"<h3>{_esc(m)} method</h3>" + _img(files.get(f"classes_{m}"), f"class stimuli, {m}")
+                                    for m in vis.class_probabilities) + _probability_table(vis.class_probabilities),
+                 "Inputs that maximize each class logit, saved as 8-bit images and fed back through the net "
+                 "(re-normalized as in training): the probability it gives the class each was made for. The "
+                 "default method uses random jitter, scale and rotation, total-variation and L2 penalties and "
+                 "a color space decorrelated with CIFAR-10's own color covariance; the exercise method is the "
+                 "original notebook's 20 normalized gradient steps."),
+        _section("filters", _img(files.get("filters"), "first-layer filters")),
+        _section("activations", _img(files.get("activations"), "activation maps"),
+                 "What each conv layer's channels respond to in one test image (after the activation)."),
+        _section("attributions", _img(files.get("attributions"), "saliency and Grad-CAM"),
+                 "Top: test images with the prediction. Middle: saliency, the size of the gradient of the "
+                 "predicted logit with respect to each pixel. Bottom: Grad-CAM on the last conv layer."),
+        _section("model", f"<pre>{_esc(summary(ckpt.model))}</pre>"),
+        _section("recipe", _table(["setting", "value"], [[k, v] for k, v in recipe.items()])
+                 if recipe else '<p class="missing">No recipe stored in the checkpoint.</p>'),
+    ]
+    nav = "".join(f'<a href="#{sid}">{_esc(title)}</a>' for sid, title in SECTIONS)
+    name = run_dir.resolve().name
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f'<title>cifarlab report: {_esc(name)}</title><style>{CSS}</style></head><body>'
+            f'<header><h1>cifarlab report: {_esc(name)}</h1><p>{_esc(ckpt.meta.get("architecture", {}).get("name", ""))}'
+            f' &middot; test accuracy {_pct(results["accuracy"])} &middot; generated '
+            f'{_esc(time.strftime("%Y-%m-%d %H:%M:%S"))}</p></header><nav>{nav}</nav><main>'
+            + "\n".join(parts) + "</main></body></html>\n")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public API
+
+
+def build_report(run_dir, ckpt=None, data=None, log=print, *, settings=None, seed: int | None = None,
+                 images=None) -> Path:
+    """Write ``run_dir/report.html`` and return its path.
+
+    ``ckpt`` defaults to the run's final (else newest good) checkpoint, ``data`` to CIFAR-10 found the
+    usual way (no download). ``settings``/``seed``/``images`` go to :func:`cifarlab.visualize.render_all`.
+    """
+    from . import visualize
+
+    run_dir = Path(run_dir)
+    ckpt, data = _load_inputs(run_dir, ckpt, data, log)
+    results = _results(run_dir, ckpt, data, log)
+    curves = _curves(run_dir, ckpt)
+    if seed is None:
+        seed = int(ckpt.meta.get("recipe", {}).get("seed", 0))
+    vis = visualize.render_all(ckpt, run_dir / "visualize", data=data, seed=seed, images=images,
+                               settings=settings, log=log)
+    stimulus_seconds = next(iter(vis.seconds.values()), 0.0)
+    path = run_dir / "report.html"
+    atomic_write_text(path, _html(run_dir, ckpt, results, curves, vis, stimulus_seconds))
+    return path
+
+
+def add_cli(sub) -> None:
+    from .cli import _add_data_args, _bounded_int
+
+    p = sub.add_parser("report", help="write RUN/report.html: numbers, plots and visualizations on one page")
+    p.add_argument("run", metavar="RUN", help="a run folder (with final/ or checkpoints/)")
+    p.add_argument("--method", choices=["default", "exercise"], default="default",
+                   help="stimulus method for the layer stimuli (class stimuli show both)")
+    p.add_argument("--seed", type=_bounded_int(0, 2 ** 63 - 1), help="stimulus seed (default: the recipe's)")
+    p.add_argument("--images", type=_bounded_int(0, 10 ** 9), nargs="+", metavar="IDX",
+                   help="test images for activation maps, saliency and Grad-CAM")
+    _add_data_args(p)
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args) -> int:
+    from .cli import _load_data
+    from .visualize import StimulusSettings
+
+    run_dir = Path(args.run)
+    if not run_dir.is_dir():
+        raise ReportError(f"{run_dir}: not a run folder")
+    data = _load_data(args)
+    path = build_report(run_dir, data=data, settings=StimulusSettings.for_method(args.method), seed=args.seed,
+                        images=args.images)
+    print(f"report: {path}")
+    return 0

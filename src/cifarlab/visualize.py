@@ -1,0 +1,681 @@
+"""See what the network learned: maximum stimuli, filters, activation maps, saliency and Grad-CAM.
+
+Maximum stimuli are found by gradient ascent in input space, for the output of the activation that
+follows each conv layer (one stimulus per channel, objective: the channel's mean activation) and for
+the class outputs (one per class, objective: the class logit). All channels of a layer are optimized
+as one batch: every image's objective depends on that image alone, so the gradient of the summed
+objective is each image's own gradient, and the random draws (initial noise for all channels, one
+shared transform per step) do not depend on which channels are asked for.
+
+Two methods:
+
+``exercise``
+    The exercise's method as it was: start from gray plus small noise ((rand - 0.5) * 0.1 for conv
+    channels, * 0.001 for classes) in normalized input space, 20 steps of ``x += g / ||g||`` (the
+    gradient divided by its L2 norm, per image), then decode as the exercise did: standardize by the
+    training set's mean and std (in normalized units), treat the result as a normalized image and map it
+    back to 0..255, clipped. One deliberate difference: the exercise's grader fed that raw 0..255 image
+    straight into a net trained on ``x / 255 - 0.5``; here the decoded uint8 image is re-normalized with
+    the checkpoint's normalization before it goes back into the net (see :func:`grader_check`).
+
+``default`` (better for 32x32 nets)
+    Maximize the class logit (or channel mean) of an image kept in 0..1 by a sigmoid, parameterized in a
+    decorrelated color space computed from CIFAR-10's own training pixels (:data:`CIFAR10_COLOR_COV`,
+    not ImageNet's), optionally in Fourier space with a 1/f spectrum. Each step sees the image through a
+    random jitter / small scale / small rotation (robustness: a stimulus that only works at one exact
+    pixel alignment is noise, not a picture) and pays total-variation and L2 penalties. Adam, seeded:
+    the same seed gives the same images.
+
+Also here: first-layer filters as images, activation maps of each conv layer for an image, saliency
+(input gradient) and Grad-CAM on the last conv layer, their PNG plots, and ``cifarlab visualize``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import plots
+from .errors import CifarlabError
+from .fsutil import atomic_write_json
+from .transforms import Normalization
+
+# Training-set pixel statistics in 0..1 units, computed from the official binary files (50,000 images;
+# tests/test_visualize.py recomputes them). The covariance is what the decorrelated color space whitens.
+CIFAR10_PIXEL_MEAN = (0.49139968, 0.48215841, 0.44653091)
+CIFAR10_COLOR_COV = ((0.06102493, 0.05482238, 0.05069996),
+                     (0.05482238, 0.05928501, 0.05780385),
+                     (0.05069996, 0.05780385, 0.06842820))
+
+ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.Tanh)
+METHODS = ("default", "exercise")
+
+
+class VisualizationError(CifarlabError):
+    """A visualization that cannot be made (bad image index, unknown method, unusable output folder)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# What to maximize
+
+
+@dataclass(frozen=True)
+class Target:
+    """One layer whose channels (or the classes) get a stimulus each.
+
+    ``position`` is the index of the layer whose output is maximized, so ``model[:position + 1]`` is all
+    the network needed to compute it.
+    """
+
+    name: str        # e.g. "leaky_re_lu_1", or "classes"
+    conv: str        # the conv layer it belongs to ("" for classes)
+    kind: str        # "conv" or "class"
+    position: int
+    channels: int
+
+
+def stimulus_targets(model: nn.Sequential) -> list[Target]:
+    """Each conv layer's following activation (the conv itself if none follows), then the class logits."""
+    layers = list(model.named_children())
+    targets = []
+    for i, (name, layer) in enumerate(layers):
+        if type(layer) is not nn.Conv2d:  # the frozen whitening conv is not a learned feature
+            continue
+        position = i
+        for j in range(i + 1, len(layers)):
+            other = layers[j][1]
+            if isinstance(other, (nn.Conv2d, nn.Linear, nn.Flatten)):
+                break
+            if isinstance(other, ACTIVATIONS):
+                position = j
+                break
+        targets.append(Target(layers[position][0], name, "conv", position, layer.out_channels))
+    targets.append(Target("classes", "", "class", len(layers) - 1, _num_outputs(model)))
+    return targets
+
+
+def _num_outputs(model: nn.Sequential) -> int:
+    with torch.no_grad():
+        return int(model(torch.zeros(1, 3, 32, 32)).shape[1])
+
+
+def _prefix(model: nn.Sequential, target: Target) -> nn.Sequential:
+    """A copy of the layers up to the target, frozen, in eval mode (dropout off, BatchNorm uses its
+    averages) and channels-last (measured faster for these convs on CPU); the model is left untouched."""
+    part = copy.deepcopy(nn.Sequential(*list(model.children())[:target.position + 1])).cpu().eval()
+    for p in part.parameters():
+        p.requires_grad_(False)
+    return part.to(memory_format=torch.channels_last)
+
+
+def _run(part: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    return part(x.contiguous(memory_format=torch.channels_last))
+
+
+def _objective(out: torch.Tensor, target: Target, channels: torch.Tensor) -> torch.Tensor:
+    """Per image b: the mean activation of channel channels[b], or the logit of class channels[b]."""
+    picked = out[torch.arange(len(channels)), channels]
+    return picked.flatten(1).mean(1) if target.kind == "conv" else picked
+
+
+# ---------------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclass(frozen=True)
+class StimulusSettings:
+    """How stimuli are made. ``StimulusSettings()`` is the default method; see :meth:`exercise`."""
+
+    method: str = "default"
+    steps: int = 96           # gradient steps per layer
+    lr: float = 0.05          # Adam step size on the parameterization
+    jitter: int = 2           # random shift of up to this many pixels per step
+    scale: float = 0.05       # random zoom by up to +-5 % per step
+    rotate: float = 5.0       # random rotation by up to +-5 degrees per step
+    tv: float = 0.5           # total-variation penalty (per image, on 0..1 pixels)
+    l2: float = 0.05          # L2 penalty on the distance from the mean color
+    decorrelate: bool = True  # CIFAR-10 decorrelated color space
+    fft: bool = False         # Fourier parameterization with a 1/f spectrum
+    init_std: float = 0.01
+    # the exercise method: plain normalized-gradient ascent
+    step: float = 1.0
+    noise_conv: float = 0.1
+    noise_class: float = 0.001
+
+    @classmethod
+    def exercise(cls, **overrides) -> "StimulusSettings":
+        return replace(cls(method="exercise", steps=20), **overrides)
+
+    @classmethod
+    def for_method(cls, method: str, **overrides) -> "StimulusSettings":
+        if method not in METHODS:
+            raise VisualizationError(f"unknown stimulus method {method!r}: use one of {', '.join(METHODS)}")
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        return cls.exercise(**overrides) if method == "exercise" else replace(cls(), **overrides)
+
+    def validate(self) -> "StimulusSettings":
+        if self.method not in METHODS:
+            raise VisualizationError(f"unknown stimulus method {self.method!r}: use one of {', '.join(METHODS)}")
+        if not 0 <= self.steps <= 100_000:
+            raise VisualizationError(f"steps must be 0..100000, got {self.steps}")
+        if not 0 <= self.jitter <= 16:
+            raise VisualizationError(f"jitter must be 0..16 pixels, got {self.jitter}")
+        return self
+
+
+@dataclass
+class Stimuli:
+    """The result for one target: uint8 images (N, 3, 32, 32), the float images they were rounded from
+    (0..255), and the final objective value of each."""
+
+    target: Target
+    channels: list[int]
+    images: torch.Tensor
+    float_images: torch.Tensor
+    objective: np.ndarray
+    seconds: float
+
+
+def _generator(seed: int, target: Target, purpose: int) -> torch.Generator:
+    """Independent seeded streams per (seed, layer, purpose), so layers do not share noise."""
+    state = np.random.SeedSequence([int(seed), target.position, purpose]).generate_state(2, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The exercise's method
+
+
+def _dataset_stats(normalization: Normalization) -> tuple[float, float]:
+    """Mean and std of all training pixels in normalized units (np.mean/np.std of the exercise's x_train2),
+    exact from the per-channel moments."""
+    m = np.array(CIFAR10_PIXEL_MEAN)
+    var = np.diag(np.array(CIFAR10_COLOR_COV))
+    nm, ns = np.array(normalization.mean), np.array(normalization.std)
+    mean_c = (m - nm) / ns
+    second = var / ns ** 2 + mean_c ** 2
+    mean = mean_c.mean()
+    return float(mean), float(math.sqrt(second.mean() - mean ** 2))
+
+
+def exercise_decode(x: torch.Tensor, normalization: Normalization) -> torch.Tensor:
+    """The exercise's image_values_to_rgb: (x - mean) / std, then back to 0..255 as a normalized image."""
+    mean, std = _dataset_stats(normalization)
+    return normalization.invert((x - mean) / std).clamp(0, 255)
+
+
+def _exercise_ascent(part, target, channels, all_channels, settings, seed, normalization):
+    gen = _generator(seed, target, 0)
+    scale = settings.noise_conv if target.kind == "conv" else settings.noise_class
+    x = ((torch.rand(all_channels, 3, 32, 32, generator=gen) - 0.5) * scale)[channels]
+    value = torch.zeros(len(channels))
+    for _ in range(settings.steps):
+        x.requires_grad_(True)
+        objective = _objective(_run(part, x), target, channels)
+        (grad,) = torch.autograd.grad(objective.sum(), x)
+        norm = grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        x = (x + settings.step * grad / (norm + 1e-10)).detach()
+        value = objective.detach()
+    # The exercise returns the loss computed before the last step; so do we.
+    return exercise_decode(x, normalization), value
+
+
+# ---------------------------------------------------------------------------------------------------
+# The default method: decorrelated (optionally Fourier) parameterization, transforms, penalties
+
+
+def color_matrix() -> torch.Tensor:
+    """Maps decorrelated color to RGB: the square root of CIFAR-10's color covariance, scaled so the
+    strongest (luminance) direction has unit length."""
+    cov = torch.tensor(CIFAR10_COLOR_COV, dtype=torch.float64)
+    eigenvalues, eigenvectors = torch.linalg.eigh(cov)
+    sqrt = eigenvectors * eigenvalues.clamp_min(0).sqrt()
+    return (sqrt / sqrt.norm(dim=0).max()).float()
+
+
+def _fft_scale(size: int = 32) -> torch.Tensor:
+    """1/f amplitude for the rfft2 grid: natural images have most energy at low frequencies."""
+    fy = torch.fft.fftfreq(size)[:, None]
+    fx = torch.fft.rfftfreq(size)[None, :]
+    freq = torch.sqrt(fx ** 2 + fy ** 2).clamp_min(1.0 / size)
+    return (1.0 / freq) / size
+
+
+class _Image:
+    """A batch of images in 0..1 made from free parameters, so the optimizer never leaves the valid range."""
+
+    def __init__(self, n: int, settings: StimulusSettings, gen: torch.Generator):
+        self.settings = settings
+        self.matrix = color_matrix() if settings.decorrelate else torch.eye(3)
+        mean = torch.tensor(CIFAR10_PIXEL_MEAN)
+        self.offset = torch.log(mean / (1 - mean)).view(1, 3, 1, 1)  # sigmoid(offset) = mean color
+        if settings.fft:
+            self.freq_scale = _fft_scale()
+            shape = (n, 3, 32, 17, 2)
+        else:
+            shape = (n, 3, 32, 32)
+        self.param = (torch.randn(shape, generator=gen) * settings.init_std).requires_grad_(True)
+
+    def __call__(self) -> torch.Tensor:
+        p = self.param
+        if self.settings.fft:
+            spectrum = torch.view_as_complex(p.contiguous()) * self.freq_scale
+            p = torch.fft.irfft2(spectrum, s=(32, 32), norm="ortho")
+        colored = torch.einsum("ij,njhw->nihw", self.matrix, p)
+        return torch.sigmoid(colored + self.offset)
+
+
+def _random_view(images: torch.Tensor, settings: StimulusSettings, gen: torch.Generator) -> torch.Tensor:
+    """One random shift / zoom / rotation, the same for the whole batch (so results do not depend on
+    which channels share the batch); reflection padding keeps the borders image-like."""
+    u = torch.rand(4, generator=gen) * 2 - 1
+    shift = torch.round(u[:2] * settings.jitter) * 2 / images.shape[-1]  # whole pixels, in grid units
+    zoom = 1 + settings.scale * float(u[2])
+    angle = math.radians(settings.rotate * float(u[3]))
+    cos, sin = math.cos(angle) / zoom, math.sin(angle) / zoom
+    theta = torch.tensor([[cos, -sin, float(shift[0])], [sin, cos, float(shift[1])]], dtype=images.dtype)
+    grid = F.affine_grid(theta.expand(len(images), 2, 3), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def total_variation(images: torch.Tensor) -> torch.Tensor:
+    """Per image: mean squared difference between neighboring pixels."""
+    dy = (images[:, :, 1:] - images[:, :, :-1]).pow(2).flatten(1).mean(1)
+    dx = (images[:, :, :, 1:] - images[:, :, :, :-1]).pow(2).flatten(1).mean(1)
+    return dx + dy
+
+
+def _default_ascent(part, target, channels, all_channels, settings, seed, normalization):
+    image = _Image(all_channels, settings, _generator(seed, target, 0))
+    with torch.no_grad():  # keep only the requested channels' parameters
+        image.param = image.param[channels].detach().requires_grad_(True)
+    view_gen = _generator(seed, target, 1)
+    optimizer = torch.optim.Adam([image.param], lr=settings.lr)
+    mean = torch.tensor(CIFAR10_PIXEL_MEAN).view(1, 3, 1, 1)
+    value = torch.zeros(len(channels))
+    for _ in range(settings.steps):
+        pixels = image()
+        seen = _random_view(pixels, settings, view_gen)
+        objective = _objective(_run(part, normalization(seen * 255.0)), target, channels)
+        penalty = settings.tv * total_variation(pixels) + settings.l2 * (pixels - mean).pow(2).flatten(1).mean(1)
+        optimizer.zero_grad(set_to_none=True)
+        (penalty - objective).sum().backward()
+        optimizer.step()
+        value = objective.detach()
+    with torch.no_grad():
+        return image() * 255.0, value
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public API: stimuli
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    """Run with ``n`` intra-op threads (None: torch's current setting), then restore it.
+
+    The ascent's batches are small (at most a layer's channels of 32x32 images), so extra threads mostly
+    add synchronization, and on a busy machine they wait for each other's time slices: measured on the
+    2-core CPU under load, conv1's 16 stimuli took 50 s with 2 threads and 1.8 s with 1. Hence 1 by default.
+    """
+    previous = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def maximum_stimuli(model: nn.Sequential, target: Target, normalization: Normalization,
+                    settings: StimulusSettings | None = None, seed: int = 0,
+                    channels: list[int] | None = None, threads: int | None = 1) -> Stimuli:
+    """Stimuli for ``channels`` of ``target`` (all by default), optimized as one batch."""
+    settings = (settings or StimulusSettings()).validate()
+    all_channels = list(range(target.channels))
+    channels = all_channels if channels is None else [int(c) for c in channels]
+    bad = [c for c in channels if not 0 <= c < target.channels]
+    if bad:
+        raise VisualizationError(f"{target.name} has channels 0..{target.channels - 1}; asked for {bad}")
+    part = _prefix(model, target)
+    index = torch.tensor(channels, dtype=torch.long)
+    started = time.perf_counter()
+    ascent = _exercise_ascent if settings.method == "exercise" else _default_ascent
+    with _threads(threads):
+        floats, value = ascent(part, target, index, target.channels, settings, seed, normalization)
+    floats = floats.detach().clamp(0, 255)
+    return Stimuli(target, channels, floats.round().to(torch.uint8), floats, value.numpy(),
+                   time.perf_counter() - started)
+
+
+def all_stimuli(model: nn.Sequential, normalization: Normalization, settings: StimulusSettings | None = None,
+                seed: int = 0, log=None, threads: int | None = 1) -> list[Stimuli]:
+    """Stimuli for every channel of every conv layer and for every class, one batch per layer."""
+    results = []
+    for target in stimulus_targets(model):
+        results.append(maximum_stimuli(model, target, normalization, settings, seed, threads=threads))
+        if log:
+            log(f"  {target.name}: {target.channels} stimuli in {results[-1].seconds:.1f} s")
+    return results
+
+
+@torch.no_grad()
+def class_probabilities(model: nn.Module, images: torch.Tensor, normalization: Normalization) -> np.ndarray:
+    """Softmax (N, classes) for uint8 images, re-normalized the way the net was trained."""
+    with _evaluating(model):
+        return torch.softmax(model(normalization(images)).float(), 1).numpy()
+
+
+def grader_check(model: nn.Module, class_stimuli: torch.Tensor, normalization: Normalization,
+                 renormalize: bool = True) -> np.ndarray:
+    """The exercise's grader, done right: p[k] = probability of class k for the stimulus of class k, with
+    the uint8 stimulus re-normalized. ``renormalize=False`` reproduces the exercise's quirk for comparison:
+    it fed the raw 0..255 values to a net trained on x/255 - 0.5."""
+    raw = Normalization((0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255))  # identity: x / 255 / (1/255)
+    probs = class_probabilities(model, class_stimuli, normalization if renormalize else raw)
+    return probs[np.arange(len(probs)), np.arange(len(probs))]
+
+
+def mean_color_image(n: int = 1) -> torch.Tensor:
+    """The gray (mean color) image both methods start from, as uint8."""
+    color = torch.tensor(CIFAR10_PIXEL_MEAN) * 255
+    return color.round().to(torch.uint8).view(1, 3, 1, 1).expand(n, 3, 32, 32).clone()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Filters, activation maps, saliency, Grad-CAM
+
+
+def first_layer_filters(model: nn.Sequential) -> torch.Tensor:
+    """The first learned conv's RGB kernels as uint8 images (C, 3, k, k), all on one shared scale so
+    their relative strength shows (zero is mid-gray)."""
+    conv = next((m for m in model.children() if type(m) is nn.Conv2d and m.in_channels == 3), None)
+    if conv is None:
+        raise VisualizationError("the model has no conv layer on the RGB input; no filters to show")
+    w = conv.weight.detach().float()
+    w = w / w.abs().max().clamp_min(1e-12)
+    return ((w + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+@torch.no_grad()
+def activation_maps(model: nn.Sequential, image: torch.Tensor, normalization: Normalization) -> dict[str, torch.Tensor]:
+    """For one uint8 image (3, 32, 32): each conv target's activation maps (C, H, W)."""
+    positions = {t.position: t.name for t in stimulus_targets(model) if t.kind == "conv"}
+    x, maps = normalization(image[None]), {}
+    with _evaluating(model):
+        for i, layer in enumerate(model.children()):
+            x = layer(x)
+            if i in positions:
+                maps[positions[i]] = x[0].clone()
+    return maps
+
+
+@contextlib.contextmanager
+def _evaluating(model: nn.Module):
+    """Eval mode (dropout off) for the duration, then the caller's mode back."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def _logits_and_input_grad(model, images, normalization, classes):
+    x = normalization(images).requires_grad_(True)
+    logits = model(x)
+    classes = logits.argmax(1) if classes is None else torch.as_tensor(classes)
+    (grad,) = torch.autograd.grad(logits[torch.arange(len(x)), classes].sum(), x)
+    return grad, classes
+
+
+def saliency(model: nn.Sequential, images: torch.Tensor, normalization: Normalization,
+             classes=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """|d logit / d input|, max over color channels, scaled to 0..1 per image; and the classes explained
+    (the predicted ones unless given)."""
+    with _evaluating(model):
+        grad, classes = _logits_and_input_grad(model, images, normalization, classes)
+    sal = grad.abs().amax(1)
+    return sal / sal.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1), classes
+
+
+def grad_cam(model: nn.Sequential, images: torch.Tensor, normalization: Normalization,
+             classes=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grad-CAM on the last conv layer (after its activation): channel weights = spatial mean of the
+    class logit's gradient, map = ReLU of the weighted sum, upsampled to 32x32 and scaled to 0..1."""
+    convs = [t for t in stimulus_targets(model) if t.kind == "conv"]
+    if not convs:
+        raise VisualizationError("the model has no conv layer; Grad-CAM needs one")
+    layers = list(model.children())
+    split = convs[-1].position + 1
+    with _evaluating(model):
+        features = nn.Sequential(*layers[:split])(normalization(images)).detach().requires_grad_(True)
+        logits = nn.Sequential(*layers[split:])(features)
+    classes = logits.argmax(1) if classes is None else torch.as_tensor(classes)
+    (grad,) = torch.autograd.grad(logits[torch.arange(len(images)), classes].sum(), features)
+    cam = F.relu((grad.mean((2, 3), keepdim=True) * features.detach()).sum(1, keepdim=True))
+    cam = F.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    return cam / cam.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1), classes
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plots (matplotlib Agg, through cifarlab.plots)
+
+
+def plot_layer_stimuli(stimuli: Stimuli, path, method: str) -> Path:
+    t = stimuli.target
+    titles = [f"#{c}" for c in stimuli.channels]
+    cols = 16 if len(titles) > 32 else 8
+    title = f"{t.name} (after {t.conv}): maximum stimuli per channel, {method} method"
+    return plots.image_grid(stimuli.images, titles, path, cols=cols, title=title, cell=(1.1, 1.35), title_size=8)
+
+
+def plot_class_stimuli(images: torch.Tensor, classes: list[str], probabilities: np.ndarray, path,
+                       method: str) -> Path:
+    titles = [f"{name}\np = {p:.3f}" for name, p in zip(classes, probabilities)]
+    return plots.image_grid(images, titles, path, cols=len(titles), cell=(1.6, 2.0), title_size=9,
+                            title=f"Class stimuli ({method} method), titled with the net's probability of that "
+                                  f"class for the saved uint8 image")
+
+
+def plot_filters(filters: torch.Tensor, path) -> Path:
+    titles = [f"#{i}" for i in range(len(filters))]
+    return plots.image_grid(filters, titles, path, cols=min(16, len(filters)), cell=(1.0, 1.25), title_size=8,
+                            title="First conv layer filters (RGB, one shared scale, gray = 0)")
+
+
+def plot_activation_maps(image: torch.Tensor, maps: dict[str, torch.Tensor], title: str, path) -> Path:
+    """The image, then one row block per conv layer with each channel's map (brighter = stronger)."""
+    import matplotlib.pyplot as plt
+
+    cols = 16
+    rows_per = {name: -(-len(m) // cols) for name, m in maps.items()}
+    rows = 1 + sum(rows_per.values())
+    height = rows * 1.0 + 0.6 * len(maps)
+    fig = plt.figure(figsize=(cols * 0.9, height))
+    grid = fig.add_gridspec(rows, cols, hspace=0.5, wspace=0.1, top=1 - 0.55 / height, bottom=0.02)
+    ax = fig.add_subplot(grid[0, 0])
+    ax.imshow(plots.to_hwc(image[None])[0], interpolation="nearest")
+    ax.set_title("input", fontsize=8)
+    ax.axis("off")
+    row = 1
+    for name, m in maps.items():
+        top = float(m.max()) or 1.0
+        for c in range(len(m)):
+            ax = fig.add_subplot(grid[row + c // cols, c % cols])
+            ax.imshow(m[c].numpy(), cmap="viridis", vmin=0, vmax=top, interpolation="nearest")
+            ax.axis("off")
+            if c == 0:
+                ax.set_title(f"{name} ({len(m)} channels, shared color scale)", fontsize=8, loc="left")
+        row += rows_per[name]
+    fig.suptitle(title, fontsize=12)
+    return plots.save_figure(fig, path)
+
+
+def plot_attributions(images: torch.Tensor, sal: torch.Tensor, cam: torch.Tensor, titles: list[str],
+                      path) -> Path:
+    """One column per image: the image, saliency overlaid, Grad-CAM overlaid."""
+    import matplotlib.pyplot as plt
+
+    hwc = plots.to_hwc(images)
+    n = len(hwc)
+    fig, axes = plt.subplots(3, n, figsize=(1.9 * n, 6.4), squeeze=False)
+    for i in range(n):
+        for r, (overlay, cmap, label) in enumerate(((None, None, ""), (sal[i], "hot", "saliency"),
+                                                    (cam[i], "jet", "Grad-CAM"))):
+            ax = axes[r, i]
+            ax.imshow(hwc[i], interpolation="nearest")
+            if overlay is not None:
+                ax.imshow(overlay.numpy(), cmap=cmap, alpha=0.55, vmin=0, vmax=1, interpolation="bilinear")
+            ax.axis("off")
+            ax.set_title(titles[i] if r == 0 else label, fontsize=8)
+    fig.suptitle("Where the net looks: saliency (input gradient) and Grad-CAM on the last conv layer", fontsize=11)
+    fig.tight_layout()
+    return plots.save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Everything for a checkpoint into a folder
+
+
+@dataclass
+class VisualizationResult:
+    out_dir: Path
+    files: dict[str, str]
+    class_probabilities: dict[str, dict[str, float]]  # method -> class -> p(class | its stimulus)
+    seconds: dict[str, float]
+
+
+def render_all(ckpt, out_dir, data=None, method: str = "default", seed: int = 0, images=None,
+               settings: StimulusSettings | None = None, also_exercise_classes: bool = True,
+               log=print, threads: int | None = 1) -> VisualizationResult:
+    """Stimuli of every layer, class stimuli with the grader check, filters, and (given test data)
+    activation maps, saliency and Grad-CAM for test images ``images``; PNGs plus ``summary.json``."""
+    out_dir = _prepare_out_dir(out_dir)
+    if data is not None:
+        images = _check_indices(images, len(data.test))
+    model = ckpt.model.cpu().eval()
+    normalization = Normalization.from_dict(ckpt.meta["normalization"])
+    classes = list(ckpt.meta.get("classes") or [str(i) for i in range(_num_outputs(model))])
+    settings = settings or StimulusSettings.for_method(method)
+    files, probs, seconds = {}, {}, {}
+
+    started = time.perf_counter()
+    stimuli = all_stimuli(model, normalization, settings, seed, log=log, threads=threads)
+    seconds[f"stimuli_{settings.method}"] = time.perf_counter() - started
+    log(f"{sum(len(s.channels) for s in stimuli)} stimuli ({settings.method} method) in "
+        f"{seconds[f'stimuli_{settings.method}']:.1f} s")
+    for s in stimuli[:-1]:
+        files[f"stimuli_{s.target.name}"] = str(plot_layer_stimuli(s, out_dir / f"stimuli_{s.target.name}.png",
+                                                                   settings.method))
+    class_sets = {settings.method: stimuli[-1].images}
+    if also_exercise_classes and settings.method != "exercise":
+        ex = maximum_stimuli(model, stimuli[-1].target, normalization, StimulusSettings.exercise(), seed,
+                             threads=threads)
+        class_sets["exercise"] = ex.images
+    for name, imgs in class_sets.items():
+        p = grader_check(model, imgs, normalization)
+        probs[name] = {c: float(v) for c, v in zip(classes, p)}
+        files[f"classes_{name}"] = str(plot_class_stimuli(imgs, classes, p, out_dir / f"classes_{name}.png", name))
+        log(f"grader check ({name}): " + ", ".join(f"{c} {v:.3f}" for c, v in probs[name].items()))
+
+    files["filters"] = str(plot_filters(first_layer_filters(model), out_dir / "filters.png"))
+    if data is not None:
+        files.update(_image_plots(model, normalization, data, images, out_dir))
+    atomic_write_json(out_dir / "summary.json", {
+        "method": settings.method, "seed": seed, "settings": asdict(settings), "class_probabilities": probs,
+        "seconds": seconds, "files": files,
+        "note": "class_probabilities: p(class k | stimulus of class k), the uint8 stimulus re-normalized "
+                "with the checkpoint's normalization"})
+    return VisualizationResult(out_dir, files, probs, seconds)
+
+
+DEFAULT_IMAGES = (0, 1, 2, 3, 4, 5, 6, 7)
+
+
+def _image_plots(model, normalization, data, images, out_dir: Path) -> dict[str, str]:
+    test = data.test
+    indices = _check_indices(images, len(test))
+    batch = test.images[indices]
+    sal, predicted = saliency(model, batch, normalization)
+    cam, _ = grad_cam(model, batch, normalization, predicted)
+    probs = class_probabilities(model, batch, normalization)
+    titles = [f"#{i} true: {data.classes[test.labels[i]]}\npred: {data.classes[p]} {probs[k, p]:.2f}"
+              for k, (i, p) in enumerate(zip(indices, predicted.tolist()))]
+    files = {"attributions": str(plot_attributions(batch, sal, cam, titles, out_dir / "saliency_gradcam.png"))}
+    first = indices[0]
+    maps = activation_maps(model, test.images[first], normalization)
+    if maps:
+        title = f"Activation maps for test image #{first} ({data.classes[test.labels[first]]})"
+        files["activations"] = str(plot_activation_maps(test.images[first], maps, title, out_dir / "activations.png"))
+    return files
+
+
+def _check_indices(images, n: int) -> list[int]:
+    indices = [int(i) for i in (DEFAULT_IMAGES if images is None else images)]
+    bad = [i for i in indices if not 0 <= i < n]
+    if bad or not indices:
+        raise VisualizationError(f"image indices must be 0..{n - 1} (test set), got {bad or indices}")
+    return indices
+
+
+def _prepare_out_dir(out_dir) -> Path:
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise VisualizationError(f"{out_dir}: exists and is not a folder; choose another --out")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise VisualizationError(f"{out_dir}: cannot create the output folder ({e.strerror})") from None
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_cli(sub) -> None:
+    from .cli import _add_data_args, _bounded_int
+
+    p = sub.add_parser("visualize", help="maximum stimuli, filters, activation maps, saliency and Grad-CAM",
+                       description="Render what a trained net learned into PNGs (and summary.json).")
+    p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help="a run folder, a checkpoint folder or a "
+                                                                  ".safetensors file")
+    p.add_argument("--method", choices=METHODS, default="default",
+                   help="default: robust, decorrelated, regularized; exercise: the exercise's plain ascent")
+    p.add_argument("--seed", type=_bounded_int(0, 2 ** 63 - 1), default=0)
+    p.add_argument("--steps", type=_bounded_int(0, 100_000), help="gradient steps per layer (default: 96 for "
+                                                                  "default, 20 for exercise)")
+    p.add_argument("--threads", type=_bounded_int(0, 1024), default=1,
+                   help="CPU threads for the gradient ascent (default 1: its batches are small; 0: torch's "
+                        "default)")
+    p.add_argument("--out", help="output folder (default: <run or checkpoint folder>/visualize)")
+    p.add_argument("--images", type=_bounded_int(0, 10 ** 9), nargs="+", metavar="IDX",
+                   help=f"test-set images for activation maps, saliency and Grad-CAM (default: "
+                        f"{' '.join(map(str, DEFAULT_IMAGES))})")
+    _add_data_args(p)
+    p.set_defaults(func=cmd_visualize)
+
+
+def cmd_visualize(args: argparse.Namespace) -> int:
+    from .checkpoints import load_checkpoint
+    from .cli import _load_data
+
+    ckpt = load_checkpoint(args.checkpoint)
+    path = Path(args.checkpoint)
+    out = Path(args.out) if args.out else (path if path.is_dir() else path.parent) / "visualize"
+    data = _load_data(args)
+    settings = StimulusSettings.for_method(args.method, steps=args.steps)
+    result = render_all(ckpt, out, data=data, seed=args.seed, images=args.images, settings=settings,
+                        threads=args.threads or None)
+    print(f"written to {result.out_dir}/: " + ", ".join(Path(f).name for f in result.files.values()))
+    return 0

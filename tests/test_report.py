@@ -1,0 +1,122 @@
+"""report.html: built at the end of ``cifarlab run``, self-contained, and rendered by a real browser."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from cifarlab import cli, report, visualize
+from cifarlab.data import CIFAR10
+
+SECTION_IDS = [sid for sid, _ in report.SECTIONS]
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+
+_FOR_METHOD = visualize.StimulusSettings.for_method
+
+
+def _quick(method="default", **overrides):
+    """Few ascent steps: the tests check the plumbing, bench/ measures the real settings."""
+    return _FOR_METHOD(method, **dict(overrides, steps=overrides.get("steps") or 4))
+
+
+@pytest.fixture(scope="module")
+def cli_run(cifar, tmp_path_factory):
+    """``cifarlab run`` end to end (train -> evaluate -> report) on 2,000 training images."""
+    small = CIFAR10(train=cifar.train.subset(slice(0, 2000)), test=cifar.test.subset(slice(0, 1000)),
+                    classes=cifar.classes, root=cifar.root)
+    runs = tmp_path_factory.mktemp("runs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli, "_load_data", lambda args: small)
+        mp.setattr(visualize.StimulusSettings, "for_method", staticmethod(_quick))
+        rc = cli.main(["run", "--epochs", "1", "--batch-size", "64", "--runs-dir", str(runs), "--name", "r",
+                       "--no-progress", "--threads", "2"])
+    assert rc == 0
+    return runs / "r"
+
+
+def test_run_writes_a_self_contained_report(cli_run):
+    page = (cli_run / "report.html").read_text()
+    for sid in SECTION_IDS:
+        assert f'<section id="{sid}">' in page
+    sources = re.findall(r'<img src="([^"]*)"', page)
+    assert len(sources) >= 12 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing fetched from the network
+    assert "<script" not in page and "Not available" not in page
+    assert "Total params: 1,084,234" in page
+    results = json.loads((cli_run / "eval" / "results.json").read_text())
+    assert f"{100 * results['accuracy']:.2f}%" in page
+    summary = json.loads((cli_run / "visualize" / "summary.json").read_text())
+    for method, probs in summary["class_probabilities"].items():
+        assert f"{min(probs.values()):.3f}" in page
+
+
+def test_build_report_fills_in_what_is_missing(trained_run, cifar, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)  # trained by train() alone: no eval/, no training_curves.png
+    logged = []
+    path = report.build_report(run, data=cifar, log=logged.append, settings=_quick("exercise"), images=[5])
+    assert path == run / "report.html" and path.exists()
+    assert (run / "eval" / "results.json").exists() and (run / "training_curves.png").exists()
+    assert any("evaluating" in line for line in logged)
+    logged.clear()
+    report.build_report(run, data=cifar, log=logged.append, settings=_quick("exercise"), images=[5])
+    assert not any("evaluating" in line for line in logged)  # results.json reused
+
+
+def test_report_errors(tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path / "missing"), "--no-download"]) == cli.EXIT_ERROR
+    assert "not a run folder" in capsys.readouterr().err
+    with pytest.raises(report.ReportError):
+        report.build_report(tmp_path / "missing")
+
+
+def _chrome(profile: Path):
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.fail(f"the report test needs headless Chromium: apt-get install chromium chromium-driver "
+                    f"({CHROMIUM}, {CHROMEDRIVER})")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1400,1000"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+@pytest.mark.browser
+def test_report_renders_in_a_browser(cli_run, tmp_path):
+    driver = _chrome(tmp_path / "profile")
+    try:
+        driver.get((cli_run / "report.html").resolve().as_uri())
+        deadline = time.time() + 20
+        while driver.execute_script("return document.readyState") != "complete" and time.time() < deadline:
+            time.sleep(0.1)
+        images = driver.execute_script(
+            "return Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth, i.naturalHeight])")
+        assert len(images) >= 12
+        broken = [alt for alt, complete, w, h in images if not complete or w == 0 or h == 0]
+        assert not broken, f"images that did not decode: {broken}"
+        present = driver.execute_script("return Array.from(document.querySelectorAll('section')).map(s => s.id)")
+        assert present == SECTION_IDS
+        for sid in SECTION_IDS:  # every section shows something
+            height = driver.execute_script(f"return document.getElementById('{sid}').offsetHeight")
+            assert height > 40, sid
+        # a full-page screenshot: size the window to the document first
+        height = driver.execute_script("return document.documentElement.scrollHeight")
+        driver.set_window_size(1400, min(height + 100, 16000))
+        shot = tmp_path / "report.png"
+        assert driver.save_screenshot(str(shot))
+        shutil.copyfile(shot, "/tmp/report_screenshot.png")
+        assert shot.stat().st_size > 50_000
+    finally:
+        driver.quit()
