@@ -7,7 +7,6 @@ import zipfile
 
 import numpy as np
 import pytest
-import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
 h5py = pytest.importorskip("h5py")
@@ -156,7 +155,8 @@ def test_imported_logits_equal_hand_computed_keras_logits(tmp_path, weights, ima
     expected = keras_head(features, weights)
     got = _cifarlab_logits(model, images)
     diff = float(np.abs(got - expected).max())
-    print(f"\n{layout}: max |imported - hand-computed Keras logit| = {diff:.3g} (logit scale {np.abs(expected).max():.3g})")
+    print(f"\n{layout}: max |imported - hand-computed Keras logit| = {diff:.3g} "
+          f"(logits up to {np.abs(expected).max():.3g})")
     assert diff < TOLERANCE
     assert (got.argmax(1) == expected.argmax(1)).all()
     assert meta["architecture"]["name"] == "keras-exercise"

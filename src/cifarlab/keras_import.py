@@ -259,7 +259,11 @@ def _match(layers: list[KerasLayer], model: Net, source: str) -> list[tuple[str,
 def _read(dataset, source: str, layer: KerasLayer) -> np.ndarray:
     if dataset.dtype.kind != "f":
         raise CheckpointError(f"{source}: layer '{layer.name}' has {dataset.dtype} weights; expected floats.")
-    values = np.asarray(dataset[()], dtype=np.float32)
+    try:
+        values = np.asarray(dataset[()], dtype=np.float32)
+    except (OSError, ValueError, TypeError) as e:  # HDF5 read errors of a damaged file
+        raise CheckpointError(f"{source}: cannot read the weights of layer '{layer.name}'; the file is "
+                              f"damaged ({e}).") from None
     if not np.isfinite(values).all():
         raise CheckpointError(f"{source}: layer '{layer.name}' holds NaN or infinite weights.")
     return values
@@ -276,7 +280,8 @@ def torch_weights(kernel: np.ndarray, module: nn.Module, flatten_from: tuple | N
     return kernel.T  # (in, out) -> (out, in)
 
 
-def import_keras(weights: str | Path, fc1_activation: str = "none", declaration: dict | None = None) -> tuple[Net, dict]:
+def import_keras(weights: str | Path, fc1_activation: str = "none",
+                 declaration: dict | None = None) -> tuple[Net, dict]:
     """Build the cifarlab model holding the Keras file's weights; returns (model, checkpoint meta)."""
     path = Path(weights)
     decl = declaration or keras_exercise_declaration(fc1_activation)
