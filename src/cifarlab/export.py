@@ -39,21 +39,19 @@ VERIFY_TOLERANCE = 1e-3  # max |logit difference| on random pixels accepted at e
 
 
 class PixelsModel(nn.Module):
-    """``model(normalization(pixels))`` and its softmax, with the normalization as graph constants.
+    """``model(normalization(pixels))`` and its softmax.
 
-    Uses the same arithmetic as :class:`cifarlab.transforms.Normalization` (x / (255 std) - mean / std),
-    so the exported logits match PyTorch's to float rounding.
+    Calls the checkpoint's :class:`Normalization` itself, so the traced graph holds exactly PyTorch's
+    normalization arithmetic (its per-channel constants become graph constants).
     """
 
     def __init__(self, model: nn.Module, normalization: Normalization):
         super().__init__()
         self.model = model
-        self.register_buffer("scale", torch.tensor([255.0 * s for s in normalization.std]).view(1, 3, 1, 1))
-        self.register_buffer("shift", torch.tensor([m / s for m, s in zip(normalization.mean,
-                                                                          normalization.std)]).view(1, 3, 1, 1))
+        self.normalization = normalization
 
     def forward(self, pixels: torch.Tensor):
-        logits = self.model(pixels / self.scale - self.shift)
+        logits = self.model(self.normalization(pixels))
         return logits, torch.softmax(logits, dim=1)
 
 
