@@ -60,13 +60,16 @@ def test_run_writes_a_self_contained_report(cli_run):
 def test_build_report_fills_in_what_is_missing(trained_run, cifar, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)  # trained by train() alone: no eval/, no training_curves.png
+    small = CIFAR10(train=cifar.train.subset(slice(0, 10)), test=cifar.test.subset(slice(0, 500)),
+                    classes=cifar.classes, root=cifar.root)
     logged = []
-    path = report.build_report(run, data=cifar, log=logged.append, settings=_quick("exercise"), images=[5])
+    path = report.build_report(run, data=small, log=logged.append, settings=_quick("exercise"), images=[5])
     assert path == run / "report.html" and path.exists()
     assert (run / "eval" / "results.json").exists() and (run / "training_curves.png").exists()
     assert any("evaluating" in line for line in logged)
     logged.clear()
-    report.build_report(run, data=cifar, log=logged.append, settings=_quick("exercise"), images=[5])
+    report.build_report(run, data=small, log=logged.append, settings=_quick("exercise"), images=[5])
+    assert json.loads((run / "eval" / "results.json").read_text())["num_images"] == 500
     assert not any("evaluating" in line for line in logged)  # results.json reused
 
 

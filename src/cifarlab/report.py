@@ -108,11 +108,12 @@ def _img(path, alt: str) -> str:
     return f'<figure><img src="data:image/png;base64,{data}" alt="{_esc(alt)}"></figure>'
 
 
-def _table(header: list[str], rows: list[list], numeric_from: int = 1) -> str:
-    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+def _table(header: list[str] | None, rows: list[list], numeric_from: int = 1) -> str:
+    """A table; cells from column ``numeric_from`` on are right-aligned. No header row for None."""
+    head = f"<thead><tr>{''.join(f'<th>{_esc(h)}</th>' for h in header)}</tr></thead>" if header else ""
     body = "".join("<tr>" + "".join(f'<td class="{"num" if i >= numeric_from else ""}">{_esc(v)}</td>'
                                     for i, v in enumerate(row)) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<table>{head}<tbody>{body}</tbody></table>"
 
 
 def _section(sid: str, body: str, intro: str = "") -> str:
@@ -185,7 +186,7 @@ def _html(run_dir: Path, ckpt, results: dict, curves, vis, visualize_seconds: fl
     per_class_rows = [[c, _pct(results["per_class_accuracy"][c])] for c in classes]
     mistakes = [[m["index"], m["true"], m["predicted"], f"{m['score']:.3f}"] for m in results.get("worst_mistakes", [])]
     parts = [
-        _section("overview", _cards(results, ckpt) + _table(["", ""], [
+        _section("overview", _cards(results, ckpt) + _table(None, [
             ["run folder", str(run_dir)], ["checkpoint", str(ckpt.path)],
             ["architecture", ckpt.meta.get("architecture", {}).get("name", "?")],
             ["validation during training", ckpt.meta.get("val_source", "?")],

@@ -287,6 +287,14 @@ def _random_view(images: torch.Tensor, settings: StimulusSettings, gen: torch.Ge
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
+def _normalize(normalization: Normalization, pixels: torch.Tensor) -> torch.Tensor:
+    """0..1 pixels -> the net's input, differentiably, with constants made here: a cached constant that
+    was first built under inference_mode could not be saved for backward."""
+    mean = torch.tensor(normalization.mean, dtype=pixels.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(normalization.std, dtype=pixels.dtype).view(1, 3, 1, 1)
+    return (pixels - mean) / std
+
+
 def total_variation(images: torch.Tensor) -> torch.Tensor:
     """Per image: mean squared difference between neighboring pixels."""
     dy = (images[:, :, 1:] - images[:, :, :-1]).pow(2).flatten(1).mean(1)
@@ -305,7 +313,7 @@ def _default_ascent(part, target, channels, all_channels, settings, seed, normal
     for _ in range(settings.steps):
         pixels = image()
         seen = _random_view(pixels, settings, view_gen)
-        objective = _objective(_run(part, normalization(seen * 255.0)), target, channels)
+        objective = _objective(_run(part, _normalize(normalization, seen)), target, channels)
         penalty = settings.tv * total_variation(pixels) + settings.l2 * (pixels - mean).pow(2).flatten(1).mean(1)
         optimizer.zero_grad(set_to_none=True)
         (penalty - objective).sum().backward()
@@ -468,55 +476,104 @@ def grad_cam(model: nn.Sequential, images: torch.Tensor, normalization: Normaliz
 
 
 # ---------------------------------------------------------------------------------------------------
-# Plots (matplotlib Agg, through cifarlab.plots)
+# Plots (matplotlib Agg, saved through cifarlab.plots)
+#
+# Stimuli, filters and activation maps are drawn as one mosaic image in one axes, with text labels:
+# an axes per tile (as plots.image_grid does) costs about 20 ms each to lay out, a second per layer.
+
+
+def _upscale(tiles: np.ndarray, min_size: int = 32) -> np.ndarray:
+    """Repeat pixels so tiny tiles (3x3 filters, 8x8 maps) show as blocks, not a blur."""
+    factor = max(1, -(-min_size // tiles.shape[1]))
+    return tiles.repeat(factor, axis=1).repeat(factor, axis=2)
+
+
+def _mosaic(tiles: np.ndarray, cols: int, gap: int, band: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Tiles (N, h, w, 3) uint8 on a white canvas, ``band`` pixels above each for its label; returns the
+    canvas and each tile's top-left corner."""
+    n, h, w = tiles.shape[:3]
+    rows = -(-n // cols)
+    cell_h, cell_w = h + band + gap, w + gap
+    canvas = np.full((rows * cell_h - gap, min(n, cols) * cell_w - gap, 3), 255, np.uint8)
+    corners = []
+    for i in range(n):
+        y, x = (i // cols) * cell_h + band, (i % cols) * cell_w
+        canvas[y:y + h, x:x + w] = tiles[i]
+        corners.append((y, x))
+    return canvas, corners
+
+
+def _tile_figure(tiles: np.ndarray, labels: list[str], path, cols: int, title: str, tile_inches: float = 1.0,
+                 label_lines: int = 1, font: int = 8) -> Path:
+    import matplotlib.pyplot as plt
+
+    tiles = _upscale(np.ascontiguousarray(tiles))
+    h, w = tiles.shape[1:3]
+    px_per_inch = h / tile_inches
+    band = int(math.ceil((0.15 * label_lines + 0.05) * px_per_inch)) if labels else 0
+    canvas, corners = _mosaic(tiles, cols, max(1, round(0.1 * px_per_inch)), band)
+    width, height = canvas.shape[1] / px_per_inch, canvas.shape[0] / px_per_inch
+    fig = plt.figure(figsize=(width, height + 0.45))
+    ax = fig.add_axes((0, 0, 1, height / (height + 0.45)))
+    ax.imshow(canvas, interpolation="nearest")
+    for (y, x), label in zip(corners, labels):
+        ax.text(x + w / 2, y - 0.02 * px_per_inch, label, ha="center", va="bottom", fontsize=font)
+    ax.axis("off")
+    fig.text(0.5, 1 - 0.2 / (height + 0.45), title, ha="center", va="center", fontsize=12)
+    return plots.save_figure(fig, path)
 
 
 def plot_layer_stimuli(stimuli: Stimuli, path, method: str) -> Path:
     t = stimuli.target
-    titles = [f"#{c}" for c in stimuli.channels]
-    cols = 16 if len(titles) > 32 else 8
-    title = f"{t.name} (after {t.conv}): maximum stimuli per channel, {method} method"
-    return plots.image_grid(stimuli.images, titles, path, cols=cols, title=title, cell=(1.1, 1.35), title_size=8)
+    labels = [f"#{c}" for c in stimuli.channels]
+    cols = 16 if len(labels) > 32 else 8
+    title = f"{t.name} (after {t.conv}): maximum stimulus of each channel, {method} method"
+    return _tile_figure(plots.to_hwc(stimuli.images), labels, path, cols, title, tile_inches=0.9)
 
 
 def plot_class_stimuli(images: torch.Tensor, classes: list[str], probabilities: np.ndarray, path,
                        method: str) -> Path:
-    titles = [f"{name}\np = {p:.3f}" for name, p in zip(classes, probabilities)]
-    return plots.image_grid(images, titles, path, cols=len(titles), cell=(1.6, 2.0), title_size=9,
-                            title=f"Class stimuli ({method} method), titled with the net's probability of that "
-                                  f"class for the saved uint8 image")
+    labels = [f"{name}\np = {p:.3f}" for name, p in zip(classes, probabilities)]
+    return _tile_figure(plots.to_hwc(images), labels, path, len(labels),
+                        f"Class stimuli, {method} method: p = the net's probability of that class for the 8-bit "
+                        f"image", tile_inches=1.35, label_lines=2, font=9)
 
 
 def plot_filters(filters: torch.Tensor, path) -> Path:
-    titles = [f"#{i}" for i in range(len(filters))]
-    return plots.image_grid(filters, titles, path, cols=min(16, len(filters)), cell=(1.0, 1.25), title_size=8,
-                            title="First conv layer filters (RGB, one shared scale, gray = 0)")
+    labels = [f"#{i}" for i in range(len(filters))]
+    return _tile_figure(plots.to_hwc(filters), labels, path, min(16, len(filters)),
+                        "First conv layer filters (RGB, one shared scale, gray = 0)", tile_inches=0.6)
+
+
+def _colored(maps: torch.Tensor, cmap: str = "viridis") -> np.ndarray:
+    """(C, H, W) activations -> (C, H, W, 3) uint8 on one shared scale (0 .. the layer's maximum)."""
+    import matplotlib
+
+    top = float(maps.max()) or 1.0
+    rgba = matplotlib.colormaps[cmap]((maps.clamp_min(0) / top).numpy())
+    return (rgba[..., :3] * 255).round().astype(np.uint8)
 
 
 def plot_activation_maps(image: torch.Tensor, maps: dict[str, torch.Tensor], title: str, path) -> Path:
-    """The image, then one row block per conv layer with each channel's map (brighter = stronger)."""
+    """The input image, then each conv layer's channel maps as a mosaic (brighter = stronger; one color
+    scale per layer)."""
     import matplotlib.pyplot as plt
 
-    cols = 16
-    rows_per = {name: -(-len(m) // cols) for name, m in maps.items()}
-    rows = 1 + sum(rows_per.values())
-    height = rows * 1.0 + 0.6 * len(maps)
-    fig = plt.figure(figsize=(cols * 0.9, height))
-    grid = fig.add_gridspec(rows, cols, hspace=0.5, wspace=0.1, top=1 - 0.55 / height, bottom=0.02)
-    ax = fig.add_subplot(grid[0, 0])
-    ax.imshow(plots.to_hwc(image[None])[0], interpolation="nearest")
-    ax.set_title("input", fontsize=8)
-    ax.axis("off")
-    row = 1
-    for name, m in maps.items():
-        top = float(m.max()) or 1.0
-        for c in range(len(m)):
-            ax = fig.add_subplot(grid[row + c // cols, c % cols])
-            ax.imshow(m[c].numpy(), cmap="viridis", vmin=0, vmax=top, interpolation="nearest")
-            ax.axis("off")
-            if c == 0:
-                ax.set_title(f"{name} ({len(m)} channels, shared color scale)", fontsize=8, loc="left")
-        row += rows_per[name]
+    cols, size = 16, 32
+    blocks = [("input", _upscale(plots.to_hwc(image[None]), size))]
+    blocks += [(f"{name}: {len(m)} channels", _upscale(_colored(m), size)) for name, m in maps.items()]
+    canvases = [_mosaic(tiles, cols, gap=3, band=0)[0] for _, tiles in blocks]
+    heights = [c.shape[0] for c in canvases]
+    width = cols * (size + 3) - 3
+    fig = plt.figure(figsize=(width / 36, sum(heights) / 36 + 0.35 * len(blocks) + 0.5))
+    grid = fig.add_gridspec(len(blocks), 1, height_ratios=heights, hspace=0.35 * len(blocks) * 36 / sum(heights),
+                            top=1 - 0.5 / fig.get_figheight(), bottom=0.01, left=0.01, right=0.99)
+    for i, ((label, _), canvas) in enumerate(zip(blocks, canvases)):
+        ax = fig.add_subplot(grid[i])
+        ax.imshow(canvas, interpolation="nearest")
+        ax.set_xlim(-0.5, width - 0.5)
+        ax.set_title(label, fontsize=9, loc="left")
+        ax.axis("off")
     fig.suptitle(title, fontsize=12)
     return plots.save_figure(fig, path)
 
