@@ -3,16 +3,25 @@
 The archive goes to a temporary file, its md5 is checked *before* anything is extracted, members are
 screened (no absolute paths, ``..``, links, devices or oversized files) and written into a temporary
 folder, every file's md5 is checked, and only then is the folder renamed into place.
+
+Screening reads the (decompressed) archive through a reader that refuses to go past a fixed budget, and
+checks each member as soon as its header is read, so a decompression bomb, a huge pax/long-name header
+or millions of tiny members are refused after a bounded amount of work and memory.
 """
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
+import http.client
+import lzma
 import os
 import shutil
 import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path, PurePosixPath
 
 from .data import ARCHIVE_MD5, BIN_DIRNAME, FILE_MD5, verify_folder
@@ -22,34 +31,55 @@ from .fsutil import fsync_dir
 # The largest CIFAR-10 member is 30.7 MB; anything far bigger is not CIFAR-10 (or is a bomb).
 MAX_MEMBER_BYTES = 64 << 20
 MAX_TOTAL_BYTES = 256 << 20
+MAX_MEMBERS = 64                 # the archive has 9 entries
+MAX_READ_BYTES = 4 << 20         # no single read of the tar stream may be larger (pax / long-name headers)
+MAX_DOWNLOAD_BYTES = 512 << 20   # the official archive is 170 MB
+_READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError, ValueError)
 
 
 def download_file(url: str, dest: Path, expected_md5: str | None, progress: bool = True,
                   timeout: float = 60.0) -> None:
-    """Fetch ``url`` into ``dest`` via a temporary file; verify the md5 before the rename."""
+    """Fetch ``url`` into ``dest`` via a temporary file; verify the md5 before the rename.
+
+    Any failure (network error, server closing early, stalled connection, disk full, wrong md5) raises
+    :class:`DataError` and leaves neither ``dest`` nor a partial file behind.
+    """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)
     digest = hashlib.md5()
+    received = 0
     try:
-        try:
-            response = urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 (http/https only below)
-        except (urllib.error.URLError, OSError) as e:
-            raise DataError(f"could not download {url}: {e}. Check the network, or download the archive "
-                            f"yourself and pass it with --data-dir.") from None
-        total = int(response.headers.get("Content-Length") or 0) or None
-        bar = _progress_bar(total, f"downloading {PurePosixPath(url).name}", progress)
-        received = 0
-        with response, os.fdopen(fd, "wb") as f:
-            while block := response.read(1 << 16):
-                f.write(block)
-                digest.update(block)
-                received += len(block)
-                bar.update(len(block))
-            f.flush()
-            os.fsync(f.fileno())
-        bar.close()
+        with os.fdopen(fd, "wb") as f:
+            try:
+                response = urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 (http/https only below)
+            except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
+                raise DataError(f"could not download {url}: {e}. Check the network, or download the archive "
+                                f"yourself and pass it with --data-dir.") from None
+            try:
+                with response:
+                    length = response.headers.get("Content-Length")
+                    total = int(length) if length and length.strip().isdigit() else None
+                    if total is not None and total > MAX_DOWNLOAD_BYTES:
+                        raise DataError(f"{url}: the server announces {total:,} bytes, far more than the "
+                                        f"CIFAR-10 archive; refusing to download it.")
+                    bar = _progress_bar(total, f"downloading {PurePosixPath(url).name}", progress)
+                    while block := response.read(1 << 16):
+                        received += len(block)
+                        if received > MAX_DOWNLOAD_BYTES:
+                            raise DataError(f"{url}: more than {MAX_DOWNLOAD_BYTES:,} bytes, far more than the "
+                                            f"CIFAR-10 archive; stopped the download.")
+                        f.write(block)
+                        digest.update(block)
+                        bar.update(len(block))
+                    f.flush()
+                    os.fsync(f.fileno())
+                    bar.close()
+            except (OSError, http.client.HTTPException, ValueError) as e:
+                raise DataError(f"download of {url} failed after {received:,} bytes ({type(e).__name__}: "
+                                f"{getattr(e, 'strerror', None) or e}). Nothing was kept; run the command "
+                                f"again to retry.") from None
         if total is not None and received != total:
             raise DataError(f"download of {url} stopped after {received:,} of {total:,} bytes. "
                             f"Run the command again to retry.")
@@ -79,7 +109,7 @@ def _check_member(member: tarfile.TarInfo, archive: Path) -> None:
     elif ".." in path.parts:
         why = "a '..' component"
     elif member.issym() or member.islnk():
-        why = f"a link (to {member.linkname!r})"
+        why = f"a link (to {member.linkname[:100]!r})"
     elif member.isdev() or member.isfifo():
         why = "a device or FIFO"
     elif not (member.isfile() or member.isdir()):
@@ -87,46 +117,120 @@ def _check_member(member: tarfile.TarInfo, archive: Path) -> None:
     elif member.size > MAX_MEMBER_BYTES:
         why = f"{member.size:,} bytes, more than the {MAX_MEMBER_BYTES:,} any CIFAR-10 file needs"
     if why:
-        raise DataError(f"{archive}: refusing member {name!r}: {why}. The archive is not a safe CIFAR-10 "
+        shown = name if len(name) <= 120 else name[:100] + "..."
+        raise DataError(f"{archive}: refusing member {shown!r}: {why}. The archive is not a safe CIFAR-10 "
                         f"archive; nothing was extracted into the cache.")
+
+
+class _BoundedStream:
+    """A read-only, seekable view of the decompressed archive that refuses to read or seek past
+    ``limit`` bytes, or to read more than ``MAX_READ_BYTES`` at once."""
+
+    mode = "rb"
+
+    def __init__(self, raw, limit: int, archive: Path):
+        self.raw, self.limit, self.archive, self.pos = raw, limit, archive, 0
+        self.name = str(archive)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _refuse(self, what: str) -> DataError:
+        return DataError(f"{self.archive}: {what}; CIFAR-10's archive is never that large, so it is refused "
+                         f"(a decompression bomb or a damaged archive). Nothing was extracted into the cache.")
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = self.limit - self.pos
+        if size > MAX_READ_BYTES:
+            raise self._refuse(f"a tar header or record asks to read {size:,} bytes at once")
+        if self.pos + size > self.limit:
+            raise self._refuse(f"the archive goes on past {self.limit:,} bytes")
+        data = self.raw.read(size)
+        self.pos += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        target = {0: offset, 1: self.pos + offset}.get(whence)
+        if target is None or target < 0:
+            raise OSError("unsupported seek")
+        if target > self.limit:
+            raise self._refuse(f"the archive goes on past {self.limit:,} bytes")
+        self.raw.seek(target)
+        self.pos = target
+        return target
+
+    def tell(self) -> int:
+        return self.pos
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def _open_decompressed(archive: Path):
+    with open(archive, "rb") as f:
+        magic = f.read(6)
+    if magic.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(archive, "rb")
+    if magic.startswith(b"BZh"):
+        return bz2.BZ2File(archive, "rb")
+    if magic.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMAFile(archive, "rb")
+    return open(archive, "rb")
 
 
 def safe_extract(archive: Path, dest: Path) -> None:
     """Extract ``archive`` into ``dest`` after screening every member; raise before writing anything."""
     archive = Path(archive)
     try:
-        tar = tarfile.open(archive, "r:*")
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise DataError(f"{archive}: not a readable .tar.gz archive ({e}). Delete it and download again.") \
-            from None
-    with tar:
+        stream = _BoundedStream(_open_decompressed(archive), MAX_TOTAL_BYTES + MAX_MEMBERS * 4 * tarfile.BLOCKSIZE
+                                + MAX_READ_BYTES, archive)
+    except OSError as e:
+        raise DataError(f"{archive}: cannot read it ({e.strerror or e}).") from None
+    with stream:
         try:
-            members = tar.getmembers()
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise DataError(f"{archive}: the archive is truncated or damaged ({e}). Delete it and download "
-                            f"again.") from None
-        total = 0
-        for member in members:
-            _check_member(member, archive)
-            total += member.size
-        if total > MAX_TOTAL_BYTES:
-            raise DataError(f"{archive}: members add up to {total:,} bytes, more than CIFAR-10's archive "
-                            f"can hold; refusing to extract.")
-        for member in members:
-            target = dest / member.name
-            if member.isdir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                src = tar.extractfile(member)
-                with src, open(target, "wb") as out:
-                    shutil.copyfileobj(src, out, 1 << 20)
-                    out.flush()
-                    os.fsync(out.fileno())
-            except (tarfile.TarError, OSError, EOFError) as e:
-                raise DataError(f"{archive}: member {member.name!r} could not be read ({e}); the archive "
-                                f"is truncated or damaged. Delete it and download again.") from None
+            tar = tarfile.open(fileobj=stream, mode="r:")
+        except _READ_ERRORS as e:
+            raise DataError(f"{archive}: not a readable .tar.gz archive ({e}). Delete it and download again.") \
+                from None
+        with tar:
+            # Screen each member as its header is read: the first bad one stops the scan.
+            members, total = [], 0
+            while True:
+                try:
+                    member = tar.next()
+                except _READ_ERRORS as e:
+                    raise DataError(f"{archive}: the archive is truncated or damaged ({e}). Delete it and "
+                                    f"download again.") from None
+                if member is None:
+                    break
+                _check_member(member, archive)
+                members.append(member)
+                total += member.size
+                if len(members) > MAX_MEMBERS:
+                    raise DataError(f"{archive}: more than {MAX_MEMBERS} members; CIFAR-10's archive has 9. "
+                                    f"Refusing to extract.")
+                if total > MAX_TOTAL_BYTES:
+                    raise DataError(f"{archive}: members add up to more than {MAX_TOTAL_BYTES:,} bytes, more "
+                                    f"than CIFAR-10's archive can hold; refusing to extract.")
+            for member in members:
+                target = dest / member.name
+                try:
+                    if member.isdir():
+                        target.mkdir(parents=True, exist_ok=True)
+                        continue
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    src = tar.extractfile(member)
+                    with src, open(target, "wb") as out:
+                        shutil.copyfileobj(src, out, 1 << 20)
+                        out.flush()
+                        os.fsync(out.fileno())
+                except _READ_ERRORS as e:
+                    raise DataError(f"{archive}: member {member.name!r} could not be extracted ({e}); the "
+                                    f"archive is truncated or damaged. Delete it and download again.") from None
 
 
 def extract_archive_into_cache(archive: Path, cache: Path, expected_md5: str | None = ARCHIVE_MD5,
