@@ -75,13 +75,13 @@ def main() -> int:
             time_rows.append(row)
         p = V.grader_check(model, stimuli[-1].images, normalization)  # same seed: same images for any threads
         for c, v in zip(classes, p):
-            prob_rows[c][f"p {method}"] = f"{v:.4f}"
-        minimum[f"p {method}"] = f"{p.min():.4f}"
+            prob_rows[c][f"p {method}"] = f"{v:.6f}"
+        minimum[f"p {method}"] = f"{p.min():.6f}"
         if method == "exercise":  # and as the exercise's grader did it: raw 0..255 into the net
             raw = V.grader_check(model, stimuli[-1].images, normalization, renormalize=False)
             for c, v in zip(classes, raw):
-                prob_rows[c]["p exercise, raw 0..255 (quirk)"] = f"{v:.4f}"
-            minimum["p exercise, raw 0..255 (quirk)"] = f"{raw.min():.4f}"
+                prob_rows[c]["p exercise, raw 0..255 (quirk)"] = f"{v:.6f}"
+            minimum["p exercise, raw 0..255 (quirk)"] = f"{raw.min():.6f}"
     print(table(time_rows, list(time_rows[0])))
     print(f"\n# load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}\n")
     print(table(list(prob_rows.values()) + [minimum], list(minimum)))

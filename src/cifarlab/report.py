@@ -177,64 +177,88 @@ def _probability_table(probs: dict[str, dict[str, float]]) -> str:
     return _table(["class"] + [f"p(class | stimulus), {m} method" for m in methods], rows)
 
 
-def _html(run_dir: Path, ckpt, results: dict, curves, vis, visualize_seconds: float) -> str:
+def _numbers_sections(run_dir: Path, ckpt, results: dict, curves) -> list[str]:
+    """Overview, final numbers, curves, confusion matrix, per-class accuracy, gallery, mistakes."""
     eval_dir = run_dir / "eval"
-    classes = results["classes"]
-    recipe = ckpt.meta.get("recipe", {})
-    files = vis.files
-    stimuli = [(k[len("stimuli_"):], v) for k, v in files.items() if k.startswith("stimuli_")]
-    per_class_rows = [[c, _pct(results["per_class_accuracy"][c])] for c in classes]
-    mistakes = [[m["index"], m["true"], m["predicted"], f"{m['score']:.3f}"] for m in results.get("worst_mistakes", [])]
-    parts = [
-        _section("overview", _cards(results, ckpt) + _table(None, [
-            ["run folder", str(run_dir)], ["checkpoint", str(ckpt.path)],
-            ["architecture", ckpt.meta.get("architecture", {}).get("name", "?")],
-            ["validation during training", ckpt.meta.get("val_source", "?")],
-            ["versions", ", ".join(f"{k} {v}" for k, v in ckpt.meta.get("versions", {}).items())]], 2)),
-        _section("results", _table(["metric", "value"], [
-            ["test accuracy", _pct(results["accuracy"])], ["test loss (cross-entropy)", f"{results['loss']:.4f}"],
-            ["test images", f"{results['num_images']:,}"], ["flip TTA", "yes" if results.get("tta") else "no"]])),
+    val_source = ckpt.meta.get("val_source", "validation set")
+    overview = _table(None, [
+        ["run folder", str(run_dir)], ["checkpoint", str(ckpt.path)],
+        ["architecture", ckpt.meta.get("architecture", {}).get("name", "?")],
+        ["validation during training", val_source],
+        ["versions", ", ".join(f"{k} {v}" for k, v in ckpt.meta.get("versions", {}).items())]], 2)
+    numbers = _table(["metric", "value"], [
+        ["test accuracy", _pct(results["accuracy"])], ["test loss (cross-entropy)", f"{results['loss']:.4f}"],
+        ["test images", f"{results['num_images']:,}"], ["flip TTA", "yes" if results.get("tta") else "no"]])
+    per_class = [[c, _pct(results["per_class_accuracy"][c])] for c in results["classes"]]
+    mistakes = [[m["index"], m["true"], m["predicted"], f"{m['score']:.3f}"]
+                for m in results.get("worst_mistakes", [])]
+    return [
+        _section("overview", _cards(results, ckpt) + overview),
+        _section("results", numbers),
         _section("curves", _img(curves, "training curves"),
-                 f"Loss and accuracy per epoch; validation on the {_esc(ckpt.meta.get('val_source', 'validation set'))}."),
+                 f"Loss and accuracy per epoch; validation on the {_esc(val_source)}."),
         _section("confusion", _img(eval_dir / "confusion_matrix.png", "confusion matrix")),
         _section("per-class", _img(eval_dir / "per_class_accuracy.png", "per-class accuracy")
-                 + _table(["class", "test accuracy"], per_class_rows)),
+                 + _table(["class", "test accuracy"], per_class)),
         _section("gallery", _img(eval_dir / "gallery.png", "random test predictions"),
                  "Random test images with the predicted class, its probability and the true class."),
         _section("mistakes", _img(eval_dir / "worst_mistakes.png", "most confident mistakes")
                  + _table(["test index", "true", "predicted", "probability"], mistakes, 3),
                  "The wrong predictions the net was most sure of."),
-        _section("stimuli", "".join(f"<h3>{_esc(name)}</h3>" + _img(path, f"maximum stimuli of {name}")
-                                    for name, path in stimuli),
+    ]
+
+
+CLASS_INTRO = (
+    "Inputs that maximize each class logit, saved as 8-bit images and fed back through the net (re-normalized "
+    "as in training): p is the probability it gives the class each was made for. The default method uses random "
+    "jitter, scale and rotation, total-variation and L2 penalties and a color space decorrelated with CIFAR-10's "
+    "own color covariance; the exercise method is the original notebook's 20 normalized gradient steps.")
+
+
+def _visual_sections(vis) -> list[str]:
+    """Stimuli per layer, class stimuli with probabilities, filters, activation maps, saliency/Grad-CAM."""
+    files = vis.files
+    stimuli = "".join(f"<h3>{_esc(key[len('stimuli_'):])}</h3>" + _img(path, key.replace("_", " ", 1))
+                      for key, path in files.items() if key.startswith("stimuli_"))
+    classes = "".join(f"<h3>{_esc(m)} method</h3>" + _img(files.get(f"classes_{m}"), f"class stimuli, {m} method")
+                      for m in vis.class_probabilities)
+    seconds = next(iter(vis.seconds.values()), 0.0)
+    return [
+        _section("stimuli", stimuli,
                  f"For every channel of every conv layer (after its activation), the input found by gradient "
-                 f"ascent that maximizes the channel's mean activation; all channels of a layer optimized as "
-                 f"one batch in {visualize_seconds:.1f} s in all."),
-        _section("classes", "".join(f"<h3>{_esc(m)} method</h3>" + _img(files.get(f"classes_{m}"), f"class stimuli, {m}")
-                                    for m in vis.class_probabilities) + _probability_table(vis.class_probabilities),
-                 "Inputs that maximize each class logit, saved as 8-bit images and fed back through the net "
-                 "(re-normalized as in training): the probability it gives the class each was made for. The "
-                 "default method uses random jitter, scale and rotation, total-variation and L2 penalties and "
-                 "a color space decorrelated with CIFAR-10's own color covariance; the exercise method is the "
-                 "original notebook's 20 normalized gradient steps."),
+                 f"ascent ({_esc(vis.method)} method) that maximizes the channel's mean activation; all channels "
+                 f"of a layer optimized as one batch, {seconds:.1f} s for all layers and classes."),
+        _section("classes", classes + _probability_table(vis.class_probabilities), CLASS_INTRO),
         _section("filters", _img(files.get("filters"), "first-layer filters")),
         _section("activations", _img(files.get("activations"), "activation maps"),
                  "What each conv layer's channels respond to in one test image (after the activation)."),
         _section("attributions", _img(files.get("attributions"), "saliency and Grad-CAM"),
                  "Top: test images with the prediction. Middle: saliency, the size of the gradient of the "
                  "predicted logit with respect to each pixel. Bottom: Grad-CAM on the last conv layer."),
-        _section("model", f"<pre>{_esc(summary(ckpt.model))}</pre>"),
-        _section("recipe", _table(["setting", "value"], [[k, v] for k, v in recipe.items()])
-                 if recipe else '<p class="missing">No recipe stored in the checkpoint.</p>'),
     ]
-    nav = "".join(f'<a href="#{sid}">{_esc(title)}</a>' for sid, title in SECTIONS)
-    name = run_dir.resolve().name
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f'<title>cifarlab report: {_esc(name)}</title><style>{CSS}</style></head><body>'
-            f'<header><h1>cifarlab report: {_esc(name)}</h1><p>{_esc(ckpt.meta.get("architecture", {}).get("name", ""))}'
-            f' &middot; test accuracy {_pct(results["accuracy"])} &middot; generated '
-            f'{_esc(time.strftime("%Y-%m-%d %H:%M:%S"))}</p></header><nav>{nav}</nav><main>'
-            + "\n".join(parts) + "</main></body></html>\n")
+
+
+def _model_sections(ckpt) -> list[str]:
+    recipe = ckpt.meta.get("recipe", {})
+    recipe_html = (_table(["setting", "value"], [[k, v] for k, v in recipe.items()]) if recipe
+                   else '<p class="missing">No recipe stored in the checkpoint.</p>')
+    return [_section("model", f"<pre>{_esc(summary(ckpt.model))}</pre>"), _section("recipe", recipe_html)]
+
+
+def _page(title: str, subtitle: str, sections: list[str]) -> str:
+    nav = "".join(f'<a href="#{sid}">{_esc(name)}</a>' for sid, name in SECTIONS)
+    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{_esc(title)}</title><style>{CSS}</style></head><body>"
+            f"<header><h1>{_esc(title)}</h1><p>{_esc(subtitle)}</p></header><nav>{nav}</nav>"
+            "<main>\n" + "\n".join(sections) + "\n</main></body></html>\n")
+
+
+def _html(run_dir: Path, ckpt, results: dict, curves, vis) -> str:
+    subtitle = (f"{ckpt.meta.get('architecture', {}).get('name', '')} \u00b7 test accuracy "
+                f"{_pct(results['accuracy'])} \u00b7 generated {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    sections = _numbers_sections(run_dir, ckpt, results, curves) + _visual_sections(vis) + _model_sections(ckpt)
+    return _page(f"cifarlab report: {run_dir.resolve().name}", subtitle, sections)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -258,9 +282,8 @@ def build_report(run_dir, ckpt=None, data=None, log=print, *, settings=None, see
         seed = int(ckpt.meta.get("recipe", {}).get("seed", 0))
     vis = visualize.render_all(ckpt, run_dir / "visualize", data=data, seed=seed, images=images,
                                settings=settings, log=log)
-    stimulus_seconds = next(iter(vis.seconds.values()), 0.0)
     path = run_dir / "report.html"
-    atomic_write_text(path, _html(run_dir, ckpt, results, curves, vis, stimulus_seconds))
+    atomic_write_text(path, _html(run_dir, ckpt, results, curves, vis))
     return path
 
 
@@ -271,6 +294,7 @@ def add_cli(sub) -> None:
     p.add_argument("run", metavar="RUN", help="a run folder (with final/ or checkpoints/)")
     p.add_argument("--method", choices=["default", "exercise"], default="default",
                    help="stimulus method for the layer stimuli (class stimuli show both)")
+    p.add_argument("--fft", action="store_true", help="default method: Fourier parameterization")
     p.add_argument("--seed", type=_bounded_int(0, 2 ** 63 - 1), help="stimulus seed (default: the recipe's)")
     p.add_argument("--images", type=_bounded_int(0, 10 ** 9), nargs="+", metavar="IDX",
                    help="test images for activation maps, saliency and Grad-CAM")
@@ -286,7 +310,7 @@ def cmd_report(args) -> int:
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir}: not a run folder")
     data = _load_data(args)
-    path = build_report(run_dir, data=data, settings=StimulusSettings.for_method(args.method), seed=args.seed,
-                        images=args.images)
+    settings = StimulusSettings.for_method(args.method, fft=args.fft or None)
+    path = build_report(run_dir, data=data, settings=settings, seed=args.seed, images=args.images)
     print(f"report: {path}")
     return 0

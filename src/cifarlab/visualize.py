@@ -607,6 +607,7 @@ def plot_attributions(images: torch.Tensor, sal: torch.Tensor, cam: torch.Tensor
 @dataclass
 class VisualizationResult:
     out_dir: Path
+    method: str
     files: dict[str, str]
     class_probabilities: dict[str, dict[str, float]]  # method -> class -> p(class | its stimulus)
     seconds: dict[str, float]
@@ -653,7 +654,7 @@ def render_all(ckpt, out_dir, data=None, method: str = "default", seed: int = 0,
         "seconds": seconds, "files": files,
         "note": "class_probabilities: p(class k | stimulus of class k), the uint8 stimulus re-normalized "
                 "with the checkpoint's normalization"})
-    return VisualizationResult(out_dir, files, probs, seconds)
+    return VisualizationResult(out_dir, settings.method, files, probs, seconds)
 
 
 DEFAULT_IMAGES = (0, 1, 2, 3, 4, 5, 6, 7)
@@ -712,6 +713,8 @@ def add_cli(sub) -> None:
     p.add_argument("--seed", type=_bounded_int(0, 2 ** 63 - 1), default=0)
     p.add_argument("--steps", type=_bounded_int(0, 100_000), help="gradient steps per layer (default: 96 for "
                                                                   "default, 20 for exercise)")
+    p.add_argument("--fft", action="store_true", help="default method: Fourier parameterization with a 1/f "
+                                                       "spectrum (smoother, more natural-looking stimuli)")
     p.add_argument("--threads", type=_bounded_int(0, 1024), default=1,
                    help="CPU threads for the gradient ascent (default 1: its batches are small; 0: torch's "
                         "default)")
@@ -731,7 +734,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     path = Path(args.checkpoint)
     out = Path(args.out) if args.out else (path if path.is_dir() else path.parent) / "visualize"
     data = _load_data(args)
-    settings = StimulusSettings.for_method(args.method, steps=args.steps)
+    settings = StimulusSettings.for_method(args.method, steps=args.steps, fft=args.fft or None)
     result = render_all(ckpt, out, data=data, seed=args.seed, images=args.images, settings=settings,
                         threads=args.threads or None)
     print(f"written to {result.out_dir}/: " + ", ".join(Path(f).name for f in result.files.values()))
