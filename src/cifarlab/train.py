@@ -330,13 +330,19 @@ def train(recipe: Recipe, data: CIFAR10, run_dir: str | Path, device: str | torc
         atomic_write_json(run_dir / "recipe.json", asdict(recipe))
     writer = _tensorboard_writer(run_dir, tensorboard and dist.is_main, log)
 
-    def save(epoch: int, step_in_epoch: int, global_step: int, partial: dict | None = None) -> Path | None:
+    def save_on_main(epoch: int, step_in_epoch: int, global_step: int, partial: dict | None) -> Path | None:
+        # Every rank's RNG state (its dropout and augmentation stream) goes into rank 0's checkpoint.
+        rng_states = [torch.get_rng_state()]
+        if dist.world > 1:
+            rng_states = [None] * dist.world
+            torch.distributed.all_gather_object(rng_states, torch.get_rng_state())
         if not dist.is_main:
             return None
         if not all(torch.isfinite(p).all() for p in model.parameters()):
             raise TrainingError("weights became NaN/inf; not saving them. The last good checkpoint is kept.")
         opt_tensors, opt_info = _optimizer_tensors(optimizer)
-        opt_tensors["rng.torch"] = torch.get_rng_state()
+        for rank, rng in enumerate(rng_states):
+            opt_tensors[f"rng.torch.rank{rank}"] = rng
         meta = dict(base_meta, epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step,
                     history=history, metrics=history[-1] if history else {})
         state = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
@@ -345,6 +351,12 @@ def train(recipe: Recipe, data: CIFAR10, run_dir: str | Path, device: str | torc
         path = ckpts.save_checkpoint(run_dir / ckpts.CKPT_DIR / ckpts.checkpoint_name(global_step), model, meta,
                                      train_state=state, optimizer_tensors=opt_tensors)
         ckpts.prune_checkpoints(run_dir, keep=keep_checkpoints)
+        return path
+
+    def save(epoch: int, step_in_epoch: int, global_step: int, partial: dict | None = None) -> Path | None:
+        path = save_on_main(epoch, step_in_epoch, global_step, partial)
+        if dist.world > 1:
+            torch.distributed.barrier()  # no rank runs ahead of (or resumes before) the finished checkpoint
         return path
 
     log(f"training {decl['name']} ({model.num_parameters():,} parameters) on {device}, "
@@ -360,6 +372,8 @@ def train(recipe: Recipe, data: CIFAR10, run_dir: str | Path, device: str | torc
             log(f"Epoch {epoch + 1}/{recipe.epochs}  learning rate: {lr:.6g}")
             model.train()
             # Running sums of a partly done epoch come back from the checkpoint, so resumed metrics match.
+            # (They are sums over all ranks, restored on rank 0 only.)
+            partial = partial if dist.is_main else {}
             loss_sum = torch.tensor(partial.get("loss_sum", 0.0), device=device, dtype=torch.float64)
             correct = torch.tensor(partial.get("correct", 0), device=device, dtype=torch.int64)
             seen = partial.get("seen", 0)
@@ -396,17 +410,19 @@ def train(recipe: Recipe, data: CIFAR10, run_dir: str | Path, device: str | torc
                 if bar is not None:
                     bar.update(1)
                 global_step = epoch * spe + step + 1
-                interrupted = stop.requested or (max_steps is not None and steps_done >= max_steps)
+                stop_now = _any_rank(stop.requested, dist)  # every rank stops at the same step
+                interrupted = stop_now or (max_steps is not None and steps_done >= max_steps)
                 if checkpoint_every and global_step % checkpoint_every == 0 and step != spe - 1 or \
                         interrupted and step != spe - 1:
                     _check_finite(loss_sum, epoch, step)
+                    total_loss, total_correct, total_seen = _global_sums(loss_sum, correct, seen, dist)
                     path = save(epoch, step + 1, global_step, {
-                        "loss_sum": float(loss_sum), "correct": int(correct), "seen": seen,
+                        "loss_sum": total_loss, "correct": total_correct, "seen": total_seen,
                         "seconds": time.perf_counter() - epoch_start})
                     if interrupted:
                         if bar is not None:
                             bar.close()
-                        if stop.requested:
+                        if stop_now:
                             raise TrainingInterrupted(path or run_dir)
                         return _result(run_dir, model, history, normalization, data, val_source, started, base_meta)
             if bar is not None:
@@ -414,9 +430,10 @@ def train(recipe: Recipe, data: CIFAR10, run_dir: str | Path, device: str | torc
             start_step = 0
             _check_finite(loss_sum, epoch, spe)
             seconds = time.perf_counter() - epoch_start
-            row = {"epoch": epoch + 1, "train_loss": float(loss_sum) / max(seen, 1),
-                   "train_acc": float(correct) / max(seen, 1), "lr": lr, "seconds": seconds,
-                   "images_per_s": seen * dist.world / max(seconds, 1e-9)}
+            total_loss, total_correct, total_seen = _global_sums(loss_sum, correct, seen, dist)
+            row = {"epoch": epoch + 1, "train_loss": total_loss / max(total_seen, 1),
+                   "train_acc": total_correct / max(total_seen, 1), "lr": lr, "seconds": seconds,
+                   "images_per_s": total_seen / max(seconds, 1e-9)}
             if dist.is_main:
                 val_logits = predict_logits(model, val_split.images, normalization, device=device, tta=recipe.tta,
                                             channels_last=channels_last)
@@ -432,7 +449,7 @@ def train(recipe: Recipe, data: CIFAR10, run_dir: str | Path, device: str | torc
                         writer.add_scalar(key.replace("_", "/", 1), row[key], epoch + 1)
                     writer.flush()
             path = save(epoch + 1, 0, (epoch + 1) * spe)
-            if stop.requested:
+            if _any_rank(stop.requested, dist):
                 raise TrainingInterrupted(path or run_dir)
             if max_steps is not None and steps_done >= max_steps:
                 break
@@ -450,6 +467,32 @@ def _result(run_dir, model, history, normalization, data, val_source, started, b
     return TrainResult(run_dir=run_dir, model=model, history=history, normalization=normalization,
                        classes=list(data.classes), val_source=val_source,
                        seconds=time.perf_counter() - started, meta=base_meta)
+
+
+def _global_sums(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, dist: DistInfo) -> tuple[float, int, int]:
+    """Loss sum, correct count and images seen, summed over all ranks (an all-reduce under DDP)."""
+    if dist.world == 1:
+        return float(loss_sum), int(correct), seen
+    totals = torch.tensor([float(loss_sum), float(correct), float(seen)], dtype=torch.float64,
+                          device=_collective_device())
+    torch.distributed.all_reduce(totals)
+    return float(totals[0]), int(totals[1]), int(totals[2])
+
+
+def _collective_device() -> torch.device:
+    """NCCL reduces CUDA tensors only; gloo takes CPU tensors."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _any_rank(flag: bool, dist: DistInfo) -> bool:
+    """True on every rank if it is true on any rank (a signal may reach only some processes)."""
+    if dist.world == 1:
+        return flag
+    t = torch.tensor(int(flag), device=_collective_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t)
 
 
 def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int) -> None:
@@ -473,7 +516,9 @@ def _try_resume(run_dir: Path, recipe: Recipe, log):
     if ckpt.train_state.get("world_size", 1) != world:
         raise CheckpointError(f"{ckpt.path}: saved with {ckpt.train_state.get('world_size')} processes, resumed "
                               f"with {world}; resume with the same number of processes.")
-    ckpt.optimizer_tensors_rng = ckpt.optimizer_tensors.pop("rng.torch")
+    rank = dist_info().rank
+    rngs = {k: ckpt.optimizer_tensors.pop(k) for k in list(ckpt.optimizer_tensors) if k.startswith("rng.torch")}
+    ckpt.optimizer_tensors_rng = rngs.get(f"rng.torch.rank{rank}", rngs.get("rng.torch"))
     return ckpt
 
 

@@ -4,6 +4,7 @@ Inputs are uint8 (N, 3, 32, 32) batches taken from the in-memory dataset by inde
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -35,16 +36,22 @@ class Normalization:
 
     def __call__(self, images: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
         """uint8 (or 0..255 float) images -> normalized float; works on any device."""
-        scale = torch.tensor([255.0 * s for s in self.std], device=images.device, dtype=dtype).view(1, 3, 1, 1)
-        shift = torch.tensor([m / s for m, s in zip(self.mean, self.std)], device=images.device,
-                             dtype=dtype).view(1, 3, 1, 1)
-        return images.to(dtype) / scale - shift
+        scale, shift = _affine(self, images.device, dtype)
+        return torch.addcmul(-shift, images.to(dtype), scale)  # x * (1 / (255 std)) - mean / std, one pass
 
     def invert(self, x: torch.Tensor) -> torch.Tensor:
         """Normalized float -> 0..255 float (not clipped)."""
         std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         return (x * std + mean) * 255.0
+
+
+@functools.lru_cache(maxsize=32)
+def _affine(norm: Normalization, device: torch.device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel scale and shift tensors, built once per device and dtype (not on every batch)."""
+    scale = torch.tensor([1.0 / (255.0 * s) for s in norm.std], dtype=dtype).view(1, 3, 1, 1).to(device)
+    shift = torch.tensor([m / s for m, s in zip(norm.mean, norm.std)], dtype=dtype).view(1, 3, 1, 1).to(device)
+    return scale, shift
 
 
 def random_flip(x: torch.Tensor, generator=None) -> torch.Tensor:
