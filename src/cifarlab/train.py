@@ -315,6 +315,11 @@ def train(recipe: Recipe, data: CIFAR10, run_dir: str | Path, device: str | torc
         raise ValueError(f"batch size {recipe.batch_size} x {dist.world} processes is larger than the {n} training images")
 
     train_model = model
+    if dist.world > 1 and device.type == "cuda":
+        # Batch statistics over the global batch, as one process would compute them. (On CPU, PyTorch's
+        # SyncBatchNorm does not run, so each rank normalizes with its own shard's statistics.)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        train_model = model
     if dist.world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if compile:
