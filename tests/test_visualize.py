@@ -8,6 +8,7 @@ path equals the per-channel path, same seed -> same images, shapes and ranges.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -187,3 +188,27 @@ def test_cli_errors_are_clear(trained_run, data_dir, tmp_path, capsys):
         cli.main(["visualize", str(trained_run), "--method", "lucid"])
     with pytest.raises(V.VisualizationError, match="unknown stimulus method"):
         V.StimulusSettings.for_method("deepdream")
+
+
+def test_airbench_style_net(cifar, tmp_path):
+    """Targets follow conv -> pool -> batchnorm -> GELU; the frozen whitening conv is not a target but its
+    filters are the first layer's; everything renders for an untrained 'fast' net."""
+    from types import SimpleNamespace
+
+    from cifarlab.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("fast").eval()
+    model.init_from_data(Normalization.named("standard")(cifar.train.images[:500]))
+    targets = V.stimulus_targets(model)
+    assert [(t.name, t.conv, t.channels) for t in targets] == [
+        ("g1_gelu1", "g1_conv1", 32), ("g1_gelu2", "g1_conv2", 32), ("g2_gelu1", "g2_conv1", 64),
+        ("g2_gelu2", "g2_conv2", 64), ("g3_gelu1", "g3_conv1", 128), ("g3_gelu2", "g3_conv2", 128),
+        ("classes", "", 10)]
+    assert V.first_layer_filters(model).shape == (24, 3, 2, 2)
+    meta = {"normalization": Normalization.named("standard").to_dict(), "classes": cifar.classes}
+    ckpt = SimpleNamespace(model=model, path=tmp_path, meta=meta)
+    result = V.render_all(ckpt, tmp_path / "vis", data=cifar, settings=V.StimulusSettings(steps=2), images=[0],
+                          log=lambda *a: None)
+    assert len([f for f in result.files if f.startswith("stimuli_")]) == 6
+    assert all(Path(f).exists() for f in result.files.values())

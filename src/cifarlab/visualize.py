@@ -404,9 +404,10 @@ def mean_color_image(n: int = 1) -> torch.Tensor:
 
 
 def first_layer_filters(model: nn.Sequential) -> torch.Tensor:
-    """The first learned conv's RGB kernels as uint8 images (C, 3, k, k), all on one shared scale so
-    their relative strength shows (zero is mid-gray)."""
-    conv = next((m for m in model.children() if type(m) is nn.Conv2d and m.in_channels == 3), None)
+    """The kernels of the conv that sees the RGB input (the frozen patch-whitening one in airbench-style
+    nets) as uint8 images (C, 3, k, k), all on one shared scale so their relative strength shows (zero is
+    mid-gray)."""
+    conv = next((m for m in model.children() if isinstance(m, nn.Conv2d) and m.in_channels == 3), None)
     if conv is None:
         raise VisualizationError("the model has no conv layer on the RGB input; no filters to show")
     w = conv.weight.detach().float()
