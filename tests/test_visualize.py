@@ -212,3 +212,16 @@ def test_airbench_style_net(cifar, tmp_path):
                           log=lambda *a: None)
     assert len([f for f in result.files if f.startswith("stimuli_")]) == 6
     assert all(Path(f).exists() for f in result.files.values())
+
+
+def test_gradients_work_after_inference_mode(net, cifar):
+    """Evaluation runs under torch.inference_mode; stimuli and saliency computed afterwards in the same
+    process (as in `cifarlab run`) must still get their gradients."""
+    from cifarlab.evaluate import predict_logits
+
+    model, norm, _ = net
+    predict_logits(model, cifar.test.images[:8], norm)
+    stimuli = V.maximum_stimuli(model, V.stimulus_targets(model)[-1], norm, V.StimulusSettings(steps=2))
+    assert stimuli.images.shape == (10, 3, 32, 32)
+    sal, _ = V.saliency(model, cifar.test.images[:2], norm)
+    assert float(sal.max()) == pytest.approx(1.0)
