@@ -755,6 +755,15 @@ def test_a_deeply_nested_declaration_file_is_a_declaration_error(tmp_path, suffi
         load_declaration_file(path)
 
 
+@pytest.mark.xfail(strict=True, raises=UnicodeDecodeError, reason="models.load_declaration_file: a file that is "
+                   "not UTF-8 raises UnicodeDecodeError (not an OSError), which is not caught")
+def test_a_binary_declaration_file_is_a_declaration_error(tmp_path):
+    path = tmp_path / "model.json"
+    path.write_bytes(b"\xff\xfe" + os.urandom(64))
+    with pytest.raises(DeclarationError):
+        load_declaration_file(path)
+
+
 @pytest.mark.xfail(strict=True, reason="models.load_declaration_file opens whatever the path is: a FIFO named "
                    "x.json blocks the command forever; check path.is_file() first")
 def test_a_fifo_declaration_does_not_hang(tmp_path):

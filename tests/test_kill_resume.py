@@ -325,7 +325,7 @@ def test_kill_while_pruning_an_old_checkpoint_leaves_no_damaged_checkpoint(work,
         "import os, shutil, signal\nfrom pathlib import Path\n_rmtree = shutil.rmtree\n"
         "def rmtree(path, *a, **k):\n"
         "    p = Path(path)\n"
-        "    if p.name.startswith('step-'):\n"
+        "    if 'step-' in p.name and (p / 'model.safetensors').exists():\n"
         "        (p / 'model.safetensors').unlink()\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    return _rmtree(path, *a, **k)\n"
