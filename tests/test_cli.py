@@ -46,7 +46,7 @@ def test_run_end_to_end_then_evaluate_json(data_dir, tmp_path):
     run = runs / "smoke"
     for name in ["metrics.csv", "recipe.json", "training_curves.png", "final/model.safetensors", "final/meta.json",
                  "eval/results.json", "eval/confusion_matrix.png", "eval/confusion_matrix.json",
-                 "eval/per_class_accuracy.png", "eval/gallery.png", "eval/worst_mistakes.png"]:
+                 "eval/per_class_accuracy.png", "eval/gallery.png", "eval/worst_mistakes.png", "report.html"]:
         assert (run / name).is_file(), name
     assert "Test accuracy:" in proc.stdout and str(run) in proc.stdout
     assert "validation: test set (as in the exercise)" in proc.stdout

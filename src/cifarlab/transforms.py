@@ -48,9 +48,13 @@ class Normalization:
 
 @functools.lru_cache(maxsize=32)
 def _affine(norm: Normalization, device: torch.device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel scale and shift tensors, built once per device and dtype (not on every batch)."""
-    scale = torch.tensor([1.0 / (255.0 * s) for s in norm.std], dtype=dtype).view(1, 3, 1, 1).to(device)
-    shift = torch.tensor([m / s for m, s in zip(norm.mean, norm.std)], dtype=dtype).view(1, 3, 1, 1).to(device)
+    """Per-channel scale and shift tensors, built once per device and dtype (not on every batch).
+
+    Built outside inference mode: a cached inference tensor could never take part in autograd later
+    (the stimulus search differentiates through the normalization)."""
+    with torch.inference_mode(False):
+        scale = torch.tensor([1.0 / (255.0 * s) for s in norm.std], dtype=dtype).view(1, 3, 1, 1).to(device)
+        shift = torch.tensor([m / s for m, s in zip(norm.mean, norm.std)], dtype=dtype).view(1, 3, 1, 1).to(device)
     return scale, shift
 
 
