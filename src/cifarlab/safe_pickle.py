@@ -207,7 +207,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         guard = _ALLOWED.get((module, name))
         if guard is not None:
             return guard
-        raise DataError(f"{self.source}: refusing to unpickle {_short(module)}.{_short(name)}: CIFAR-10's "
+        raise DataError(f"{self.source}: refusing to unpickle {str(module)[:100]}.{str(name)[:100]}: CIFAR-10's "
                         f"python version only holds plain containers and numpy arrays. The file is not a "
                         f"CIFAR-10 batch (or has been tampered with); use the official binary version instead.")
 
