@@ -311,9 +311,6 @@ def test_sigkill_at_random_moments_loses_at_most_one_checkpoint_interval(work, r
           f"most steps lost: {max(r['lost'] for r in records)} (checkpoint every {EVERY})")
 
 
-@pytest.mark.xfail(strict=True, reason="checkpoints.prune_checkpoints deletes an old checkpoint in place: a kill "
-                   "during the rmtree leaves a half-deleted 'step-N' folder that checkpoint_dirs still lists "
-                   "(fix: rename it to a dotted name first, then delete; see the report)")
 def test_kill_while_pruning_an_old_checkpoint_leaves_no_damaged_checkpoint(work, small, tmp_path):
     # A kill aimed at a moment the random kills above hit only rarely: between two file deletions of an
     # old checkpoint being pruned. The driver is the same; it SIGKILLs itself right there.
@@ -473,8 +470,6 @@ def test_full_disk_is_an_error_and_keeps_the_previous_checkpoint(small, small_di
     assert _good_step(run) == 8
 
 
-@pytest.mark.xfail(strict=True, reason="a failed checkpoint write (OSError) reaches cli.main uncaught: raw "
-                   "traceback, exit 1 (fix in cli.py/checkpoints.py; see the report)")
 def test_cli_full_disk_prints_a_clear_error_not_a_traceback(small, tmp_path, capsys):
     # cli.main in this process: `python -m cifarlab` is sys.exit(main()), so an exception escaping main()
     # is exactly a traceback on the terminal.
@@ -501,8 +496,6 @@ def test_run_folder_that_is_a_file_is_an_error_and_writes_nothing(small, tmp_pat
     assert blocker.read_text() == "not a folder" and sorted(tmp_path.iterdir()) == [blocker]
 
 
-@pytest.mark.xfail(strict=True, reason="train() creates the run folder with a bare mkdir; the OSError reaches "
-                   "cli.main uncaught: raw traceback, exit 1 (fix in cli.py; see the report)")
 def test_cli_unwritable_run_folder_prints_a_clear_error(small, tmp_path, capsys):
     folder = _python_version_folder(small, tmp_path)
     blocker = tmp_path / "runs"

@@ -223,8 +223,6 @@ JSONISH = st.recursive(
         inner, max_size=5), max_leaves=20)
 
 
-@pytest.mark.xfail(strict=True, reason="models.validate raises TypeError/OverflowError for some values instead of "
-                   "DeclarationError (see the report)")
 @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(JSONISH, st.fixed_dictionaries({"layers": st.lists(JSONISH, max_size=5)})))
 @example({"layers": [{"type": []}]})

@@ -87,8 +87,9 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module, meta: dict,
     folder.parent.mkdir(parents=True, exist_ok=True)
     tensors = _state_tensors(model)
     meta = dict(meta, format=FORMAT, weights_sha256=weights_sha256(tensors), versions=versions())
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
         _write_file(tmp / MODEL_FILE, st_save_bytes(tensors, metadata={"cifarlab": json.dumps(meta)}))
         _write_file(tmp / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
         if train_state is not None:
@@ -107,8 +108,15 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module, meta: dict,
         else:
             os.rename(tmp, folder)
         fsync_dir(folder.parent)
+    except OSError as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{folder}: could not write the checkpoint ({e.strerror or e}); the previous "
+                              f"checkpoints are untouched. Free some disk space (or fix the folder's "
+                              f"permissions), then resume.") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
 
@@ -153,6 +161,8 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu", allow_pickle: b
     if path.is_dir() and (path / CKPT_DIR).is_dir() or path.is_dir() and (path / "final").is_dir():
         return load_latest(path, map_location, with_train_state)
     weights = path / MODEL_FILE if path.is_dir() else path
+    if path.is_dir() and (path / META_FILE).exists() and not weights.exists():
+        raise CheckpointError(f"{path}: {MODEL_FILE} is missing; the checkpoint is incomplete or damaged.")
     if not weights.exists():
         raise CheckpointError(f"{path}: no checkpoint there (expected a run folder, a checkpoint folder "
                               f"with {MODEL_FILE}, or a .safetensors file).")
@@ -271,7 +281,14 @@ def load_latest(run_dir: str | Path, map_location: str = "cpu", with_train_state
 def prune_checkpoints(run_dir: Path, keep: int = 2) -> None:
     """Keep the newest ``keep`` checkpoints; also sweep temporary folders a crash left behind."""
     for old in checkpoint_dirs(run_dir)[keep:]:
-        shutil.rmtree(old, ignore_errors=True)
+        # Rename first: a kill during the deletion leaves a hidden folder that the sweep below removes,
+        # never a half-deleted checkpoint that still looks complete.
+        doomed = old.with_name(f".{old.name}.deleting")
+        try:
+            os.rename(old, doomed)
+        except OSError:
+            continue
+        shutil.rmtree(doomed, ignore_errors=True)
     root = Path(run_dir) / CKPT_DIR
     if root.is_dir():
         for tmp in root.glob(".step-*"):

@@ -314,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # recipe validation and similar user-value errors
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
+    except OSError as e:  # a full disk, an unwritable folder: say so, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import reprlib
 import tomllib
 from collections import OrderedDict
 from pathlib import Path
@@ -110,14 +111,24 @@ class GlobalAvgPool(nn.Module):
 # Validation and shape arithmetic
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlevel = 60, 60, 3
+
+
+def _short(value) -> str:
+    """A bounded repr: hostile values (huge, deeply nested) never blow up an error message."""
+    return _SHORT.repr(value)
+
+
 def _check_value(where: str, key: str, value, types, minimum=None, maximum=None):
     if isinstance(value, bool) and bool not in types:
         raise DeclarationError(f"{where}: '{key}' must be a number, not {value!r}")
     if not isinstance(value, types):
         names = " or ".join(t.__name__ for t in types)
-        raise DeclarationError(f"{where}: '{key}' must be {names}, not {type(value).__name__} {value!r}")
+        raise DeclarationError(f"{where}: '{key}' must be {names}, not {type(value).__name__} {_short(value)}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value):
+        # Only floats can be inf/nan; huge ints compare exactly with the bounds below.
+        if isinstance(value, float) and not math.isfinite(value):
             raise DeclarationError(f"{where}: '{key}' must be finite, not {value!r}")
         if minimum is not None and value < minimum or maximum is not None and value > maximum:
             raise DeclarationError(f"{where}: '{key}' = {value} is outside {minimum}..{maximum}")
@@ -192,6 +203,8 @@ def validate(declaration: dict, num_classes: int = 10) -> dict:
     """Check a declaration completely and return a normalized copy (defaults filled in, names set)."""
     if not isinstance(declaration, dict):
         raise DeclarationError(f"a declaration must be an object with 'layers', not {type(declaration).__name__}")
+    if not all(isinstance(k, str) for k in declaration):
+        raise DeclarationError("the declaration's keys must be strings")
     unknown = set(declaration) - TOP_KEYS
     if unknown:
         raise DeclarationError(f"unknown top-level key(s) {sorted(unknown)}; expected some of {sorted(TOP_KEYS)}")
@@ -202,21 +215,27 @@ def validate(declaration: dict, num_classes: int = 10) -> dict:
         raise DeclarationError(f"{len(layers)} layers is more than the {MAX_LAYERS} allowed")
     init = declaration.get("init", "glorot")
     if init not in ("glorot", "torch"):
-        raise DeclarationError(f"'init' must be 'glorot' (Keras) or 'torch', not {init!r}")
-    out = {"name": str(declaration.get("name", "custom")), "init": init, "layers": []}
+        raise DeclarationError(f"'init' must be 'glorot' (Keras) or 'torch', not {_short(init)}")
+    for key in ("name", "description"):
+        value = declaration.get(key, "")
+        if not isinstance(value, str) or len(value) > 1000:
+            raise DeclarationError(f"'{key}' must be a string of at most 1000 characters, not {_short(value)}")
+    out = {"name": declaration.get("name", "custom"), "init": init, "layers": []}
     if "description" in declaration:
-        out["description"] = str(declaration["description"])
+        out["description"] = declaration["description"]
     shape, total, counters, names = INPUT_SHAPE, 0, {}, set()
     for i, raw in enumerate(layers):
         if not isinstance(raw, dict):
-            raise DeclarationError(f"layer {i}: must be an object like {{'type': 'conv', ...}}, not {raw!r}")
+            raise DeclarationError(f"layer {i}: must be an object like {{'type': 'conv', ...}}, not {_short(raw)}")
+        if not all(isinstance(k, str) for k in raw):
+            raise DeclarationError(f"layer {i}: keys must be strings")
         t = raw.get("type")
-        if t not in LAYER_KEYS:
-            raise DeclarationError(f"layer {i}: unknown type {t!r}; known types: {', '.join(LAYER_KEYS)}")
+        if not isinstance(t, str) or t not in LAYER_KEYS:
+            raise DeclarationError(f"layer {i}: unknown type {_short(t)}; known types: {', '.join(LAYER_KEYS)}")
         counters[t] = counters.get(t, 0) + 1
         name = raw.get("name", f"{t}_{counters[t]}")
         if not isinstance(name, str) or not name.isidentifier() or len(name) > 64 or name in names:
-            raise DeclarationError(f"layer {i}: name {name!r} must be a unique identifier (letters, digits, _)")
+            raise DeclarationError(f"layer {i}: name {_short(name)} must be a unique identifier (letters, digits, _)")
         names.add(name)
         spec = LAYER_KEYS[t]
         extra = set(raw) - set(spec) - {"type", "name"}
@@ -231,7 +250,7 @@ def validate(declaration: dict, num_classes: int = 10) -> dict:
                 raise DeclarationError(f"layer {i} {name!r} ({t}): missing required key '{key}'")
             else:
                 value = default
-            if value is not None:
+            if value is not None or default is not None:  # an explicit null is a wrong type, not a default
                 bounds = {"filters": (1, MAX_CHANNELS), "units": (1, MAX_UNITS), "kernel": (1, MAX_KERNEL),
                           "stride": (1, MAX_KERNEL), "size": (1, MAX_KERNEL), "rate": (0, 0.99),
                           "slope": (0, 10), "momentum": (0, 1), "eps": (0, 1), "factor": (-1e6, 1e6)}
@@ -437,15 +456,21 @@ def register_model(name: str, declaration: dict) -> None:
 def load_declaration_file(path: str | Path) -> dict:
     path = Path(path)
     try:
+        if not path.is_file():  # also keeps a FIFO named x.json from hanging the read
+            raise DeclarationError(f"{path}: no such declaration file")
+        if path.stat().st_size > 1 << 20:
+            raise DeclarationError(f"{path}: a declaration over 1 MiB is not plausible")
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise DeclarationError(f"{path}: cannot read the declaration ({e.strerror})") from None
-    if len(text) > 1 << 20:
-        raise DeclarationError(f"{path}: a declaration over 1 MiB is not plausible")
+    except UnicodeDecodeError:
+        raise DeclarationError(f"{path}: not UTF-8 text") from None
     try:
         data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as e:
         raise DeclarationError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {e}") from None
+    except RecursionError:
+        raise DeclarationError(f"{path}: nested too deeply to be a declaration") from None
     try:
         return validate(data)
     except DeclarationError as e:

@@ -331,8 +331,11 @@ def train(recipe: Recipe, data: CIFAR10, run_dir: str | Path, device: str | torc
         "recipe": asdict(recipe), "seed": recipe.seed, "val_source": val_source, "world_size": dist.world,
     }
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "recipe.json", asdict(recipe))
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(run_dir / "recipe.json", asdict(recipe))
+        except OSError as e:
+            raise TrainingError(f"{run_dir}: cannot create or write the run folder ({e.strerror or e}).") from None
     writer = _tensorboard_writer(run_dir, tensorboard and dist.is_main, log)
 
     def save_on_main(epoch: int, step_in_epoch: int, global_step: int, partial: dict | None) -> Path | None:
@@ -503,8 +506,8 @@ def _any_rank(flag: bool, dist: DistInfo) -> bool:
 def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int) -> None:
     if not torch.isfinite(loss_sum):
         raise TrainingError(f"the loss became NaN or infinite in epoch {epoch + 1} (by step {step + 1}); "
-                            f"stopping. The last good checkpoint is kept; lower the learning rate and resume "
-                            f"or start again.")
+                            f"stopping. The last good checkpoint is kept; start a new run with a lower learning rate "
+                            f"(--resume keeps the recipe).")
 
 
 def _try_resume(run_dir: Path, recipe: Recipe, log):
