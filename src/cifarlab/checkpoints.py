@@ -31,7 +31,7 @@ from safetensors.torch import load as st_load_bytes
 from safetensors.torch import save as st_save_bytes
 
 from .errors import CheckpointError
-from .fsutil import atomic_write_json, fsync_dir
+from .fsutil import atomic_write_json, fsync_dir, umask
 from .models import Net, validate
 
 MODEL_FILE = "model.safetensors"
@@ -90,6 +90,7 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module, meta: dict,
     tmp = None
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp is owner-only; a checkpoint is an ordinary folder
         _write_file(tmp / MODEL_FILE, st_save_bytes(tensors, metadata={"cifarlab": json.dumps(meta)}))
         _write_file(tmp / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
         if train_state is not None:
