@@ -77,14 +77,20 @@ class Recipe:
         return self
 
 
+# airbench-style small net for a 2-core CPU; tuned with --val-split 5000 (never on the test set).
+# 3 epochs: about 84% on the held-out split in under a minute of training on 2 cores (bench/).
+_FAST = Recipe(model="fast", epochs=3, batch_size=256, optimizer="sgd", lr=0.2, schedule="onecycle", warmup=0.15,
+               momentum=0.85, nesterov=True, weight_decay=5e-4, label_smoothing=0.2, normalization="standard",
+               flip=True, translate=2, tta=True)
+
 PRESETS: dict[str, Recipe] = {
     # The exercise: Adamax 5e-3 x 0.9 per epoch, batch 32, 10 epochs, no augmentation.
     "exercise": Recipe(),
-    # airbench-style small net for a 2-core CPU (tuned on a held-out validation split).
-    "fast": Recipe(model="fast", epochs=8, batch_size=256, optimizer="sgd", lr=0.2, schedule="onecycle",
-                   warmup=0.15, momentum=0.85, nesterov=True, weight_decay=5e-4, label_smoothing=0.2,
-                   normalization="standard", flip=True, translate=2, tta=True),
-    # airbench94-scale net; meant for a GPU (about 94% in ~10 epochs).
+    "fast": _FAST,
+    # The same net and recipe, trained longer: about 90% in a few minutes on 2 cores (bench/).
+    "fast-long": replace(_FAST, epochs=24),
+    # airbench94-scale net (widths 64/256/256) for GPUs. airbench reaches 94% in ~10 epochs with its own,
+    # more elaborate recipe; this simpler one has not been measured to 94% (no GPU was available yet).
     "airbench94": Recipe(model="airbench94", epochs=10, batch_size=1024, optimizer="sgd", lr=0.2,
                          schedule="onecycle", warmup=0.2, momentum=0.85, nesterov=True, weight_decay=5e-4,
                          label_smoothing=0.2, normalization="standard", flip=True, translate=2, tta=True),
