@@ -11,7 +11,6 @@ import math
 import pickle
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st

@@ -31,7 +31,7 @@ from safetensors.torch import load as st_load_bytes
 from safetensors.torch import save as st_save_bytes
 
 from .errors import CheckpointError
-from .fsutil import atomic_write_json, fsync_dir, umask
+from .fsutil import fsync_dir, umask
 from .models import Net, validate
 
 MODEL_FILE = "model.safetensors"
@@ -298,7 +298,3 @@ def prune_checkpoints(run_dir: Path, keep: int = 2) -> None:
 
 def checkpoint_name(global_step: int) -> str:
     return f"step-{global_step:09d}"
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write_json(path, obj)

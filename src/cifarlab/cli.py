@@ -203,8 +203,8 @@ def cmd_evaluate(args):
     data = _load_data(args)
     if args.model:
         pipeline.check_compatible(ckpt, data, args.model)
-    out = Path(args.out) if args.out else (Path(args.checkpoint) / "eval" if Path(args.checkpoint).is_dir()
-                                           else Path(args.checkpoint).with_suffix("") .parent / "eval")
+    source = Path(args.checkpoint)
+    out = Path(args.out) if args.out else (source if source.is_dir() else source.parent) / "eval"
     ev, files = pipeline.evaluate_to_folder(ckpt, data, out, seed=args.seed, tta=args.tta, device=args.device)
     results = json.loads(Path(files["results"]).read_text())
     if args.json:

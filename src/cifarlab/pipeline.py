@@ -4,13 +4,12 @@ Each function takes plain values and returns what it wrote, so a notebook can ca
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from . import plots
-from .checkpoints import Checkpoint, load_checkpoint
+from .checkpoints import Checkpoint
 from .data import CIFAR10
 from .errors import CheckpointError
 from .evaluate import Evaluation, evaluate_model
@@ -64,16 +63,8 @@ def evaluate_to_folder(ckpt: Checkpoint, data: CIFAR10, out_dir: str | Path, see
     return ev, {k: str(v) for k, v in files.items()}
 
 
-def load_for_evaluation(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
-    return load_checkpoint(path, allow_pickle=allow_pickle)
-
-
 def results_summary(results: dict) -> str:
     lines = [f"Test accuracy: {100 * results['accuracy']:.2f}% on {results['num_images']:,} images"
              f"{' (flip TTA)' if results.get('tta') else ''}", "Per-class accuracy:"]
     lines += [f"  {name:<12}{100 * acc:6.2f}%" for name, acc in results["per_class_accuracy"].items()]
     return "\n".join(lines)
-
-
-def dump_json(obj) -> str:
-    return json.dumps(obj, indent=2)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
-import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -21,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoints as ckpts
-from .data import CIFAR10, Split, holdout_split
+from .data import CIFAR10, holdout_split
 from .errors import CheckpointError, TrainingError
 from .evaluate import default_device, predict_logits
 from .fsutil import atomic_write_json, atomic_write_text

@@ -45,13 +45,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import plots
+from .data import CIFAR10_MEAN
 from .errors import CifarlabError
 from .fsutil import atomic_write_json
 from .transforms import Normalization
 
 # Training-set pixel statistics in 0..1 units, computed from the official binary files (50,000 images;
 # tests/test_visualize.py recomputes them). The covariance is what the decorrelated color space whitens.
-CIFAR10_PIXEL_MEAN = (0.49139968, 0.48215841, 0.44653091)
+CIFAR10_PIXEL_MEAN = CIFAR10_MEAN
 CIFAR10_COLOR_COV = ((0.06102493, 0.05482238, 0.05069996),
                      (0.05482238, 0.05928501, 0.05780385),
                      (0.05069996, 0.05780385, 0.06842820))
