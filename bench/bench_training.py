@@ -39,13 +39,15 @@ KERAS_SPEC = "tensorflow-cpu==2.21.0"
 # cifarlab: the real training loop (train()), timed by the loop itself (evaluation excluded)
 
 
-def cifarlab_rate(data: CIFAR10, preset: str, steps: int, repeats: int, **overrides) -> float:
+def cifarlab_rate(data: CIFAR10, preset: str, steps: int, repeats: int, train_kwargs: dict | None = None,
+                  **overrides) -> float:
     recipe = recipe_from(preset, epochs=1, **overrides)
     n = steps * recipe.batch_size
     small = CIFAR10(data.train.subset(slice(0, n)), data.test.subset(slice(0, 100)), data.classes)
     rates = []
     for r in range(repeats + 1):  # the first repeat warms up allocators and kernels
-        result = train(recipe, small, Path(f"/tmp/cifarlab-bench/{preset}-{r}"), progress=False, log=lambda *a: None)
+        result = train(recipe, small, Path(f"/tmp/cifarlab-bench/{preset}-{r}"), progress=False, log=lambda *a: None,
+                       **(train_kwargs or {}))
         rates.append(result.history[0]["images_per_s"])
     return median(rates[1:])
 
@@ -147,8 +149,17 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-keras", action="store_true")
     ap.add_argument("--presets", action="store_true", help="also measure the fast and airbench94 presets")
+    ap.add_argument("--variants", action="store_true", help="also cifarlab with NCHW and with torch.compile")
+    ap.add_argument("--only-presets", action="store_true", help="just the presets table")
     args = ap.parse_args()
     data = load_cifar10(args.data_dir, download=False)
+    if not args.only_presets:
+        compare_exercise(data, args)
+    if args.presets or args.only_presets:
+        compare_presets(data, args)
+
+
+def compare_exercise(data: CIFAR10, args) -> None:
     header("Training throughput, exercise net and recipe (batch 32)",
            f"images/s of training, median of {args.repeats} repeats of {args.steps} steps after one warm-up; "
            f"evaluation excluded")
@@ -158,25 +169,32 @@ def main():
         rows.append({"implementation": k["framework"] + " (CPU)", "train img/s": k["images_per_s"]})
     rows.append({"implementation": "plain PyTorch eager (tutorial style, NCHW, DataLoader)",
                  "train img/s": plain_pytorch_rate(data, args.steps, args.repeats)})
-    rows.append({"implementation": "cifarlab --preset exercise",
+    rows.append({"implementation": "cifarlab --preset exercise (channels_last)",
                  "train img/s": cifarlab_rate(data, "exercise", args.steps, args.repeats)})
+    if args.variants:
+        rows.append({"implementation": "cifarlab, NCHW instead of channels_last",
+                     "train img/s": cifarlab_rate(data, "exercise", args.steps, args.repeats,
+                                                  {"channels_last": False})})
+        rows.append({"implementation": "cifarlab --compile (torch.compile)",
+                     "train img/s": cifarlab_rate(data, "exercise", args.steps, args.repeats, {"compile": True})})
     base = rows[0]["train img/s"]
     for r in rows:
         r["vs first row"] = f"{r['train img/s'] / base:.2f}x"
         r["s/epoch (50k)"] = 50_000 / r["train img/s"]
     print(table(rows, ["implementation", "train img/s", "s/epoch (50k)", "vs first row"]))
 
-    if args.presets:
-        print()
-        header("cifarlab presets", "train img/s (median, as above; batch = the preset's) and eval img/s on the "
-               "10,000 test images (with the preset's flip TTA)")
-        prows = []
-        for preset in ("exercise", "fast", "airbench94"):
-            steps = max(20, args.steps * 32 // recipe_from(preset).batch_size)
-            prows.append({"preset": preset, "batch": recipe_from(preset).batch_size,
-                          "train img/s": cifarlab_rate(data, preset, steps, args.repeats),
-                          "eval img/s": eval_rate(data, preset, args.repeats)})
-        print(table(prows, ["preset", "batch", "train img/s", "eval img/s"]))
+
+def compare_presets(data: CIFAR10, args) -> None:
+    print()
+    header("cifarlab presets", "train img/s (median, as above; batch = the preset's; --steps images' worth of "
+           "batches) and eval img/s on the 10,000 test images (with the preset's flip TTA)")
+    rows = []
+    for preset in ("exercise", "fast", "airbench94"):
+        batch = recipe_from(preset).batch_size
+        rows.append({"preset": preset, "batch": batch,
+                     "train img/s": cifarlab_rate(data, preset, max(4, args.steps * 32 // batch), args.repeats),
+                     "eval img/s": eval_rate(data, preset, args.repeats)})
+    print(table(rows, ["preset", "batch", "train img/s", "eval img/s"]))
 
 
 if __name__ == "__main__":

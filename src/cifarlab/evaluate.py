@@ -15,11 +15,13 @@ def default_device() -> torch.device:
 
 @torch.inference_mode()
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, normalization: Normalization,
-                   batch_size: int = 1000, device: torch.device | str | None = None,
+                   batch_size: int = 128, device: torch.device | str | None = None,
                    tta: bool = False, channels_last: bool | None = None) -> torch.Tensor:
     """Logits (float32, CPU) for uint8 images (N, 3, 32, 32), in eval mode, in batches.
 
     ``tta``: average the logits of each image and its horizontal mirror (flip test-time augmentation).
+    Batches of 128 keep activations in cache: about 2x the throughput of batches of 1,000 on a 2-core CPU
+    (measured for the exercise and fast nets).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
@@ -104,6 +106,6 @@ class Evaluation:
 
 def evaluate_model(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: list[str],
                    normalization: Normalization, tta: bool = False, device=None,
-                   batch_size: int = 1000) -> Evaluation:
+                   batch_size: int = 128) -> Evaluation:
     logits = predict_logits(model, images, normalization, batch_size=batch_size, device=device, tta=tta)
     return Evaluation(classes=list(classes), labels=labels.cpu().numpy(), logits=logits.numpy())

@@ -161,7 +161,7 @@ def _cards(results: dict, ckpt) -> str:
     items = [(_pct(results["accuracy"]), "test accuracy" + (" (flip TTA)" if results.get("tta") else "")),
              (f"{results['loss']:.4f}", "test loss"), (f"{results['num_images']:,}", "test images"),
              (f"{ckpt.model.num_parameters():,}", "parameters"),
-             (str(ckpt.meta.get("epoch", "?")), "epochs trained")]
+             (str(ckpt.meta.get("epoch") if ckpt.meta.get("epoch") is not None else "-"), "epochs trained")]
     if ckpt.meta.get("train_seconds"):
         items.append((f"{ckpt.meta['train_seconds']:.0f} s", "training time"))
     return '<div class="cards">' + "".join(
