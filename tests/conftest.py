@@ -27,6 +27,18 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, like the driver processes those tests start: the 2 shared cores are not
+    oversubscribed (OpenMP threads spinning against each other make every step erratic)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     found = real_data_dir()

@@ -23,13 +23,8 @@ from cifarlab.train import epoch_order, recipe_from, train
 BATCH, EVERY = 50, 4
 QUIET = {"progress": False, "log": lambda *a, **k: None}
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,8 @@ TOTAL = EPOCHS * SPE            # 60 steps
 RECIPE = {"epochs": EPOCHS, "batch_size": BATCH}
 QUIET = {"progress": False, "log": lambda *a, **k: None}
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 # ---------------------------------------------------------------------------------------------------
 # Real data, small
@@ -191,13 +193,6 @@ def _assert_same_weights(a: dict, b: dict) -> None:
 # Exact resume (in this process)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread, like the driver processes: the 2 shared cores are not oversubscribed."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
