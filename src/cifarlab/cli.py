@@ -172,13 +172,11 @@ def _train_run(args, evaluate_after: bool):
 
 
 def _after_evaluation(args, run_dir, ckpt, data, log):
-    """Stimuli and the HTML report, when those modules are present (``run`` only)."""
+    """Stimuli and the HTML report at the end of ``run`` (skipped with --no-visualize)."""
     if getattr(args, "no_visualize", False):
         return
-    try:
-        from . import report
-    except ImportError:
-        return
+    from . import report
+
     path = report.build_report(run_dir, ckpt=ckpt, data=data, log=log)
     log(f"report: {path}")
 
@@ -293,14 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional_commands(sub) -> None:
-    """Commands that live in their own modules register themselves here."""
-    for module_name in ("visualize", "report", "predict", "export", "keras_import"):
-        try:
-            module = __import__(f"cifarlab.{module_name}", fromlist=["add_cli"])
-        except ImportError:
-            continue
-        if hasattr(module, "add_cli"):
-            module.add_cli(sub)
+    """Commands that live in their own modules register themselves (their heavy imports stay lazy)."""
+    from . import export, keras_import, predict, report, visualize
+
+    for module in (visualize, report, predict, export, keras_import):
+        module.add_cli(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
