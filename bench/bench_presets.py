@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header, table  # noqa: E402
 
 from cifarlab.data import load_cifar10  # noqa: E402
-from cifarlab.train import recipe_from, train  # noqa: E402
+from cifarlab.evaluate import TTA_LEVELS  # noqa: E402
+from cifarlab.train import recipe_from, resolve_precision, train  # noqa: E402
 
 
 def main():
@@ -31,17 +32,23 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--targets", type=float, nargs="+", default=[0.784, 0.9])
     ap.add_argument("--device")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     args = ap.parse_args()
     data = load_cifar10(args.data_dir, download=False)
     recipe = recipe_from(args.preset, epochs=args.epochs)
-    header(f"Time to accuracy, preset {args.preset!r} ({recipe.epochs} epochs, batch {recipe.batch_size})",
+    import torch
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = resolve_precision(args.precision, device)
+    header(f"Time to accuracy, preset {args.preset!r} ({recipe.epochs} epochs, batch {recipe.batch_size}, "
+           f"{precision} on {device})",
            "training seconds (per-epoch evaluation excluded) and CIFAR-10 test accuracy "
-           f"({'with' if recipe.tta else 'without'} flip TTA), seeds {args.seeds}")
+           f"(last epoch: {TTA_LEVELS[recipe.tta]}; earlier epochs at most flip TTA), seeds {args.seeds}")
     rows = []
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as tmp:
             result = train(recipe_from(args.preset, epochs=args.epochs, seed=seed), data, Path(tmp) / "run",
-                           device=args.device, progress=False, log=lambda *a: None)
+                           device=device, progress=False, log=lambda *a: None, precision=precision)
         seconds = 0.0
         row = {"seed": seed}
         for h in result.history:

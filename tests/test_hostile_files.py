@@ -670,7 +670,7 @@ def _net(*layers) -> dict:
      "layer 0: name \"__import__('os')\" must be a unique identifier"),
     (_net({"type": "relu", "name": "a" * 65}), "must be a unique identifier"),
     (dict(_net(), evil=1), "unknown top-level key(s) ['evil']"),
-    (dict(_net(), init="eval"), "'init' must be 'glorot' (Keras) or 'torch', not 'eval'"),
+    (dict(_net(), init="eval"), "'init' must be one of glorot, torch, identity, not 'eval'"),
     ({"layers": "conv"}, "'layers' must be a non-empty list of layer objects"),
     ({"layers": []}, "'layers' must be a non-empty list of layer objects"),
     ({"layers": [{"type": "relu"}] * 100_000}, "100000 layers is more than the 512 allowed"),

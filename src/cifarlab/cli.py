@@ -42,6 +42,13 @@ def _bounded_float(lo: float, hi: float):
     return parse
 
 
+def add_tta_argument(p, default_help: str) -> None:
+    """--tta [LEVEL] (bare --tta: 1, flip), --no-tta (0); None means "as the recipe says"."""
+    p.add_argument("--tta", nargs="?", const=1, type=_bounded_int(0, 2), default=None, metavar="LEVEL",
+                   help=f"test-time augmentation: 0 none, 1 flip (bare --tta), 2 flip + translate {default_help}")
+    p.add_argument("--no-tta", dest="tta", action="store_const", const=0, help="same as --tta 0")
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="cifar-10-batches-bin folder, its parent, or cifar-10-binary.tar.gz "
                                       "(default: $CIFARLAB_DATA, then the cache, else download)")
@@ -61,15 +68,26 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--schedule", choices=["exp", "onecycle", "linear", "constant"])
     g.add_argument("--lr-decay", type=_bounded_float(1e-6, 1.0), help="per-epoch factor for --schedule exp")
     g.add_argument("--warmup", type=_bounded_float(0.0, 0.99))
+    g.add_argument("--lr-start", type=_bounded_float(0.0, 1.0), help="onecycle/linear: first lr, fraction of peak")
+    g.add_argument("--lr-end", type=_bounded_float(0.0, 1.0), help="onecycle/linear: last lr, fraction of peak")
     g.add_argument("--momentum", type=_bounded_float(0.0, 0.999))
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--weight-decay", type=_bounded_float(0.0, 0.99))
+    g.add_argument("--decay-all", action=argparse.BooleanOptionalAction, default=None,
+                   help="sgd: decay biases and BatchNorm too (default: weights only)")
+    g.add_argument("--bn-lr-scale", type=_bounded_float(1e-6, 1000.0), help="sgd: lr multiplier for BatchNorm")
+    g.add_argument("--lookahead", type=_bounded_int(0, 10_000), help="airbench lookahead every N steps (0: off)")
+    g.add_argument("--whiten-bias-epochs", type=_bounded_int(0, 10_000),
+                   help="train the whitening layer's bias during the first N epochs")
     g.add_argument("--label-smoothing", type=_bounded_float(0.0, 0.99))
     g.add_argument("--normalization", choices=["exercise", "standard"])
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--alt-flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --flip: each image mirrored in every other epoch (airbench) instead of at random")
     g.add_argument("--translate", type=_bounded_int(0, 16))
+    g.add_argument("--translate-pad", choices=["zeros", "reflect"])
     g.add_argument("--cutout", type=_bounded_int(0, 32))
-    g.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None)
+    add_tta_argument(g, "when validating")
     g.add_argument("--seed", type=_bounded_int(0, 2 ** 63 - 1))
     g.add_argument("--val-split", type=_bounded_int(0, 49_999),
                    help="hold out N training images for validation (default: validate on the test set)")
@@ -81,6 +99,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--checkpoint-every", type=_bounded_int(0, 10 ** 9), default=0,
                    help="also checkpoint every N steps (default: every epoch only)")
     r.add_argument("--compile", action="store_true", help="torch.compile the model (measure first: see bench/)")
+    r.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="bf16 autocast or fp32 (default auto: bf16 on CUDA and on CPUs with native bf16)")
     r.add_argument("--threads", type=_bounded_int(1, 1024), help="CPU threads (default: all cores)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files")
@@ -145,7 +165,8 @@ def _train_run(args, evaluate_after: bool):
     try:
         result = train(recipe, data, run_dir, device=device, resume=args.resume,
                        checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
-                       compile=args.compile, log=log, max_steps=args.max_steps, tensorboard=args.tensorboard)
+                       compile=args.compile, log=log, max_steps=args.max_steps, tensorboard=args.tensorboard,
+                       precision=args.precision)
     except TrainingInterrupted as e:
         log(f"\n{e}. Continue with: cifarlab {args.command} --name {name} --resume")
         return EXIT_INTERRUPTED
@@ -267,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: <run>/eval)")
     p.add_argument("--json", action="store_true", help="print machine-readable results")
     p.add_argument("--model", help="fail unless the checkpoint holds this architecture")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None)
+    add_tta_argument(p, "(default: as the checkpoint's recipe says)")
     p.add_argument("--seed", type=_bounded_int(0, 2 ** 32 - 1), default=0, help="for the random gallery")
     p.add_argument("--device")
     p.add_argument("--allow-pickle", action="store_true", help=argparse.SUPPRESS)

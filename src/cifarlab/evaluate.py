@@ -8,6 +8,16 @@ import torch
 
 from .transforms import Normalization
 
+TTA_LEVELS = {0: "no TTA", 1: "flip TTA", 2: "flip + translate TTA"}
+
+
+def tta_level(value) -> int:
+    """None/False -> 0, True -> 1, or the level itself (0, 1, 2); a recipe or CLI value in, an int out."""
+    level = int(value or 0)
+    if level not in TTA_LEVELS:
+        raise ValueError(f"TTA level must be 0 (none), 1 (flip) or 2 (flip + translate), not {value!r}")
+    return level
+
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -16,10 +26,12 @@ def default_device() -> torch.device:
 @torch.inference_mode()
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, normalization: Normalization,
                    batch_size: int = 128, device: torch.device | str | None = None,
-                   tta: bool = False, channels_last: bool | None = None) -> torch.Tensor:
+                   tta: int = 0, channels_last: bool | None = None) -> torch.Tensor:
     """Logits (float32, CPU) for uint8 images (N, 3, 32, 32), in eval mode, in batches.
 
-    ``tta``: average the logits of each image and its horizontal mirror (flip test-time augmentation).
+    ``tta`` (test-time augmentation): 0 none; 1 (or True) the mean of the logits of each image and its
+    mirror; 2 airbench's: half that, half the mirror-averaged logits of the image shifted one pixel
+    up-left and down-right (reflect padding), six passes per image.
     Batches of 128 keep activations in cache: about 2x the throughput of batches of 1,000 on a 2-core CPU
     (measured for the exercise and fast nets).
     """
@@ -35,13 +47,23 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, normalization: 
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(device):
-                logits = model(x).float()
-                if tta:
-                    logits = 0.5 * (logits + model(x.flip(3)).float())
+                logits = _tta_logits(model, x, tta_level(tta))
             outputs.append(logits.cpu())
     finally:
         model.train(was_training)
     return torch.cat(outputs) if outputs else torch.empty(0, 10)
+
+
+def _tta_logits(model: torch.nn.Module, x: torch.Tensor, level: int) -> torch.Tensor:
+    if level <= 0:
+        return model(x).float()
+    mirrored = 0.5 * (model(x).float() + model(x.flip(3)).float())
+    if level == 1:
+        return mirrored
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    h, w = x.shape[2:]
+    shifted = [_tta_logits(model, padded[:, :, dy:dy + h, dx:dx + w], 1) for dy, dx in ((0, 0), (2, 2))]
+    return 0.5 * mirrored + 0.25 * (shifted[0] + shifted[1])
 
 
 def _autocast(device: torch.device):
@@ -105,7 +127,7 @@ class Evaluation:
 
 
 def evaluate_model(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: list[str],
-                   normalization: Normalization, tta: bool = False, device=None,
+                   normalization: Normalization, tta: int = 0, device=None,
                    batch_size: int = 128) -> Evaluation:
     logits = predict_logits(model, images, normalization, batch_size=batch_size, device=device, tta=tta)
     return Evaluation(classes=list(classes), labels=labels.cpu().numpy(), logits=logits.numpy())

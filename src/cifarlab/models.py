@@ -48,11 +48,16 @@ LAYER_KEYS: dict[str, dict[str, tuple]] = {
     "avgpool": {"size": (_INT, 2), "stride": (_INT, None)},
     "global_maxpool": {}, "global_avgpool": {},
     "dropout": {"rate": (_NUM, 0.5)},
-    "batchnorm": {"momentum": (_NUM, 0.1), "eps": (_NUM, 1e-5)},
+    "batchnorm": {"momentum": (_NUM, 0.1), "eps": (_NUM, 1e-5), "scale": ((bool,), True)},
     "flatten": {},
     "scale": {"factor": (_NUM, REQUIRED)},
 }
 TOP_KEYS = {"name", "layers", "init", "output", "description"}
+INITS = {
+    "glorot": "Keras: Glorot-uniform kernels, zero biases",
+    "torch": "PyTorch's defaults",
+    "identity": "PyTorch's defaults, and each conv's first C_in filters start as the identity (airbench)",
+}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -236,8 +241,8 @@ def validate(declaration: dict, num_classes: int = 10) -> dict:
     if len(layers) > MAX_LAYERS:
         raise DeclarationError(f"{len(layers)} layers is more than the {MAX_LAYERS} allowed")
     init = declaration.get("init", "glorot")
-    if init not in ("glorot", "torch"):
-        raise DeclarationError(f"'init' must be 'glorot' (Keras) or 'torch', not {_short(init)}")
+    if init not in INITS:
+        raise DeclarationError(f"'init' must be one of {', '.join(INITS)}, not {_short(init)}")
     for key in ("name", "description"):
         value = declaration.get(key, "")
         if not isinstance(value, str) or len(value) > 1000:
@@ -309,6 +314,8 @@ class Net(nn.Sequential):
         self.declaration = decl
         if decl["init"] == "glorot":
             keras_init_(self)
+        elif decl["init"] == "identity":
+            identity_init_(self)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
@@ -350,7 +357,9 @@ def _build_layer(layer: dict, shape: tuple) -> nn.Module:
         return Dropout(layer["rate"])
     if t == "batchnorm":
         cls = nn.BatchNorm2d if len(shape) == 3 else nn.BatchNorm1d
-        return cls(shape[0], eps=layer["eps"], momentum=layer["momentum"])
+        bn = cls(shape[0], eps=layer["eps"], momentum=layer["momentum"])
+        bn.weight.requires_grad_(layer["scale"])  # airbench keeps the scale at 1 and learns only the shift
+        return bn
     if t == "scale":
         return Scale(layer["factor"])
     simple = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "flatten": nn.Flatten,
@@ -372,6 +381,15 @@ def keras_init_(model: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
+@torch.no_grad()
+def identity_init_(model: nn.Module) -> None:
+    """airbench's conv init: PyTorch's default, then the first C_in filters of each conv set to the
+    identity (Dirac), so at the start every block passes its input through as well as new features."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and not isinstance(m, Whiten) and m.out_channels >= m.in_channels:
+            nn.init.dirac_(m.weight[:m.in_channels])
+
+
 # ---------------------------------------------------------------------------------------------------
 # Summary
 
@@ -390,6 +408,8 @@ def summary(model_or_decl, num_classes: int = 10) -> str:
         total += params
         if layer["type"] == "whiten":
             frozen += params
+        elif layer["type"] == "batchnorm" and not layer["scale"]:
+            frozen += params // 2
         rows.append((f"{layer['name']} ({layer['type']})", "(None, " + ", ".join(map(str, shape)) + ")", params))
     rows.append(("softmax (at prediction)", f"(None, {num_classes})", 0))
     if trainable is None:
@@ -442,31 +462,32 @@ def _exercise() -> dict:
     }
 
 
-def airbench_like(widths=(64, 256, 256), name="airbench94", scale=1 / 9) -> dict:
+def airbench_like(widths=(64, 256, 256), name="airbench94", scale=1 / 9, init="torch", bn_scale=True) -> dict:
     """An airbench-style net: frozen 2x2 patch whitening, then three conv groups
-    (conv, maxpool, batchnorm, gelu, conv, batchnorm, gelu), global max-pool, dense, logit scale."""
+    (conv, maxpool, batchnorm, gelu, conv, batchnorm, gelu), global max-pool, dense, logit scale.
+    ``init="identity"`` and ``bn_scale=False`` are airbench94's own choices."""
     layers = [{"type": "whiten", "name": "whiten", "kernel": 2}, {"type": "gelu", "name": "gelu_0"}]
     for g, w in enumerate(widths, start=1):
         layers += [
             {"type": "conv", "name": f"g{g}_conv1", "filters": w, "bias": False},
             {"type": "maxpool", "name": f"g{g}_pool", "size": 2},
-            {"type": "batchnorm", "name": f"g{g}_bn1", "momentum": 0.4, "eps": 1e-12},
+            {"type": "batchnorm", "name": f"g{g}_bn1", "momentum": 0.4, "eps": 1e-12, "scale": bn_scale},
             {"type": "gelu", "name": f"g{g}_gelu1"},
             {"type": "conv", "name": f"g{g}_conv2", "filters": w, "bias": False},
-            {"type": "batchnorm", "name": f"g{g}_bn2", "momentum": 0.4, "eps": 1e-12},
+            {"type": "batchnorm", "name": f"g{g}_bn2", "momentum": 0.4, "eps": 1e-12, "scale": bn_scale},
             {"type": "gelu", "name": f"g{g}_gelu2"},
         ]
     layers += [{"type": "global_maxpool", "name": "pool"},
                {"type": "dense", "name": "head", "units": 10, "bias": False},
                {"type": "scale", "name": "logit_scale", "factor": scale}]
-    return {"name": name, "init": "torch", "layers": layers,
+    return {"name": name, "init": init, "layers": layers,
             "description": f"airbench-style net, conv groups of widths {list(widths)}"}
 
 
 MODELS: dict[str, dict] = {
     "exercise": _exercise(),
     "fast": airbench_like((32, 64, 128), name="fast"),
-    "airbench94": airbench_like((64, 256, 256), name="airbench94"),
+    "airbench94": airbench_like((64, 256, 256), name="airbench94", init="identity", bn_scale=False),
 }
 
 

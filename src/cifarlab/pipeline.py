@@ -12,7 +12,7 @@ from . import plots
 from .checkpoints import Checkpoint
 from .data import CIFAR10
 from .errors import CheckpointError
-from .evaluate import Evaluation, evaluate_model
+from .evaluate import TTA_LEVELS, Evaluation, evaluate_model, tta_level
 from .fsutil import atomic_write_json
 from .transforms import Normalization
 
@@ -28,14 +28,13 @@ def check_compatible(ckpt: Checkpoint, data: CIFAR10, model_name: str | None = N
 
 
 def evaluate_to_folder(ckpt: Checkpoint, data: CIFAR10, out_dir: str | Path, seed: int = 0,
-                       gallery_size: int = 16, tta: bool | None = None, device=None) -> tuple[Evaluation, dict]:
+                       gallery_size: int = 16, tta: int | None = None, device=None) -> tuple[Evaluation, dict]:
     """Test-set evaluation: results.json, confusion matrix (PNG + counts), per-class accuracy, galleries."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     check_compatible(ckpt, data)
     normalization = Normalization.from_dict(ckpt.meta["normalization"])
-    if tta is None:
-        tta = bool(ckpt.meta.get("recipe", {}).get("tta", False))
+    tta = tta_level(ckpt.meta.get("recipe", {}).get("tta", 0) if tta is None else tta)
     model = ckpt.model.to(device) if device else ckpt.model
     ev = evaluate_model(model, data.test.images, data.test.labels, data.classes, normalization, tta=tta, device=device)
     results = dict(ev.to_dict(), checkpoint=str(ckpt.path), architecture=ckpt.meta["architecture"]["name"],
@@ -64,7 +63,8 @@ def evaluate_to_folder(ckpt: Checkpoint, data: CIFAR10, out_dir: str | Path, see
 
 
 def results_summary(results: dict) -> str:
+    tta = tta_level(results.get("tta"))
     lines = [f"Test accuracy: {100 * results['accuracy']:.2f}% on {results['num_images']:,} images"
-             f"{' (flip TTA)' if results.get('tta') else ''}", "Per-class accuracy:"]
+             + (f" ({TTA_LEVELS[tta]})" if tta else ""), "Per-class accuracy:"]
     lines += [f"  {name:<12}{100 * acc:6.2f}%" for name, acc in results["per_class_accuracy"].items()]
     return "\n".join(lines)

@@ -7,7 +7,6 @@ the others are still predicted; the exit status is then 2.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
@@ -17,19 +16,18 @@ import torch
 
 from .checkpoints import Checkpoint, load_checkpoint
 from .errors import ImageError
-from .evaluate import predict_logits
+from .evaluate import predict_logits, tta_level
 from .images import load_image
 from .transforms import Normalization
 
 EXIT_ERROR = 2
 
 
-def predict_images(ckpt: Checkpoint, images: torch.Tensor, top_k: int = 3, tta: bool | None = None,
+def predict_images(ckpt: Checkpoint, images: torch.Tensor, top_k: int = 3, tta: int | None = None,
                    device: str | None = None) -> list[list[dict]]:
     """uint8 (N, 3, 32, 32) -> for each image its ``top_k`` {"class", "probability"}, most likely first."""
     classes = ckpt.meta["classes"]
-    if tta is None:
-        tta = bool(ckpt.meta.get("recipe", {}).get("tta", False))
+    tta = tta_level(ckpt.meta.get("recipe", {}).get("tta", 0) if tta is None else tta)
     normalization = Normalization.from_dict(ckpt.meta["normalization"])
     model = ckpt.model.to(device) if device else ckpt.model
     logits = predict_logits(model, images, normalization, device=device, tta=tta)
@@ -39,7 +37,7 @@ def predict_images(ckpt: Checkpoint, images: torch.Tensor, top_k: int = 3, tta: 
             for ps, idx in zip(top.values, top.indices)]
 
 
-def predict_files(ckpt: Checkpoint, paths, top_k: int = 3, tta: bool | None = None,
+def predict_files(ckpt: Checkpoint, paths, top_k: int = 3, tta: int | None = None,
                   device: str | None = None) -> list[dict]:
     """One entry per file, in order: {"image", "predictions"} or {"image", "error"} for an unreadable one."""
     entries, good, tensors = [], [], []
@@ -87,7 +85,7 @@ def cmd_predict(args) -> int:
 
 
 def add_cli(sub) -> None:
-    from .cli import _bounded_int
+    from .cli import _bounded_int, add_tta_argument
 
     p = sub.add_parser("predict", help="top-k classes of image files (any size or format)",
                        description="Predict the class of image files. Each is made upright (EXIF), converted "
@@ -98,7 +96,6 @@ def add_cli(sub) -> None:
     p.add_argument("--top-k", type=_bounded_int(1, 1000), default=3,
                    help="how many classes to show per image (default: 3)")
     p.add_argument("--json", action="store_true", help="print machine-readable results")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help="average with the mirrored image (default: as the checkpoint's recipe says)")
+    add_tta_argument(p, "(default: as the checkpoint's recipe says)")
     p.add_argument("--device", help="cpu, cuda ... (default: cpu)")
     p.set_defaults(func=cmd_predict)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from . import plots
 from .errors import CifarlabError
+from .evaluate import TTA_LEVELS, tta_level
 from .fsutil import atomic_write_text
 from .models import summary
 
@@ -158,7 +159,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 
 
 def _cards(results: dict, ckpt) -> str:
-    items = [(_pct(results["accuracy"]), "test accuracy" + (" (flip TTA)" if results.get("tta") else "")),
+    items = [(_pct(results["accuracy"]), "test accuracy" + (f" ({TTA_LEVELS[tta_level(results.get('tta'))]})" if results.get("tta") else "")),
              (f"{results['loss']:.4f}", "test loss"), (f"{results['num_images']:,}", "test images"),
              (f"{ckpt.model.num_parameters():,}", "parameters"),
              (str(ckpt.meta.get("epoch") if ckpt.meta.get("epoch") is not None else "-"), "epochs trained")]
@@ -188,7 +189,7 @@ def _numbers_sections(run_dir: Path, ckpt, results: dict, curves) -> list[str]:
         ["versions", ", ".join(f"{k} {v}" for k, v in ckpt.meta.get("versions", {}).items())]], 2)
     numbers = _table(["metric", "value"], [
         ["test accuracy", _pct(results["accuracy"])], ["test loss (cross-entropy)", f"{results['loss']:.4f}"],
-        ["test images", f"{results['num_images']:,}"], ["flip TTA", "yes" if results.get("tta") else "no"]])
+        ["test images", f"{results['num_images']:,}"], ["test-time augmentation", TTA_LEVELS[tta_level(results.get("tta"))]]])
     per_class = [[c, _pct(results["per_class_accuracy"][c])] for c in results["classes"]]
     mistakes = [[m["index"], m["true"], m["predicted"], f"{m['score']:.3f}"]
                 for m in results.get("worst_mistakes", [])]

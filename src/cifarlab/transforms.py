@@ -63,12 +63,14 @@ def random_flip(x: torch.Tensor, generator=None) -> torch.Tensor:
     return torch.where(mask.view(-1, 1, 1, 1), x.flip(3), x)
 
 
-def random_translate(x: torch.Tensor, pad: int, generator=None) -> torch.Tensor:
-    """Random crop of a zero-padded image (translation by up to ``pad`` pixels), per image, in one gather."""
+def random_translate(x: torch.Tensor, pad: int, generator=None, mode: str = "zeros") -> torch.Tensor:
+    """Random crop of a padded image (translation by up to ``pad`` pixels), per image, in one gather.
+
+    ``mode``: "zeros" (torchvision's RandomCrop default) or "reflect" (airbench's choice)."""
     if pad <= 0:
         return x
     n, _, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="constant" if mode == "zeros" else mode)
     dy = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=generator)
     dx = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=generator)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # n h 1
@@ -91,11 +93,20 @@ def random_cutout(x: torch.Tensor, size: int, generator=None) -> torch.Tensor:
     return x.masked_fill(inside[:, None], 0.0)
 
 
+def alternating_flips(seed: int, n: int, epoch: int) -> torch.Tensor:
+    """airbench's derandomized flip: a random half of the images is mirrored in even epochs and the
+    other half in odd ones, so every image is seen both ways in any two consecutive epochs. A pure
+    function of (seed, n, epoch), so resume rebuilds it. Returns a bool mask over the training set."""
+    first = torch.rand(n, generator=torch.Generator().manual_seed(seed * 100_003 + 77_777)) < 0.5
+    return first ^ bool(epoch % 2)
+
+
 @dataclass(frozen=True)
 class Augment:
     flip: bool = False
     translate: int = 0
     cutout: int = 0
+    translate_pad: str = "zeros"
 
     @property
     def active(self) -> bool:
@@ -105,7 +116,7 @@ class Augment:
         if self.flip:
             x = random_flip(x, generator)
         if self.translate:
-            x = random_translate(x, self.translate, generator)
+            x = random_translate(x, self.translate, generator, self.translate_pad)
         if self.cutout:
             x = random_cutout(x, self.cutout, generator)
         return x
