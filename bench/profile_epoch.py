@@ -4,7 +4,10 @@ Profiles --steps steps of cifarlab's real training loop (train()) with torch.pro
 operators' self CPU time into convolutions, dense layers, pooling, activations, dropout, loss, optimizer
 and data (indexing, normalization), and compares the achieved FLOP rate with a measured sgemm peak.
 
-    python bench/profile_epoch.py --data-dir ../shared/cifar-10-batches-bin [--steps 300]
+    python bench/profile_epoch.py --data-dir ../shared/cifar-10-batches-bin [--steps 300] [--precision fp32]
+
+Under bf16 autocast the dtype casts (aten::to / _to_copy) land in the "data" group with the uint8 ->
+float conversion of the batch.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from common import header, median, table  # noqa: E402
 
 from cifarlab.data import CIFAR10, load_cifar10  # noqa: E402
 from cifarlab.models import build_model  # noqa: E402
-from cifarlab.train import recipe_from, train  # noqa: E402
+from cifarlab.train import recipe_from, resolve_precision, train  # noqa: E402
 
 CATEGORIES = [  # first match wins
     ("convolution", ("conv", "mkldnn_convolution")),
@@ -59,8 +62,8 @@ def training_flops_per_image() -> float:
     return 3.0 * flops
 
 
-def sgemm_peak(size: int = 2048, repeats: int = 7) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def gemm_peak(size: int = 2048, repeats: int = 7, dtype=torch.float32) -> float:
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b
     times = []
     for _ in range(repeats):
@@ -74,19 +77,22 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data-dir")
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     args = ap.parse_args()
+    precision = resolve_precision(args.precision, torch.device("cpu"))
+    run = {"progress": False, "log": lambda *a: None, "precision": precision}
     data = load_cifar10(args.data_dir, download=False)
     small = CIFAR10(data.train.subset(slice(0, 32 * args.steps)), data.test.subset(slice(0, 100)), data.classes)
     recipe = recipe_from("exercise", epochs=1)
-    train(recipe, small, Path("/tmp/cifarlab-profile-warmup"), progress=False, log=lambda *a: None)
+    train(recipe, small, Path("/tmp/cifarlab-profile-warmup"), **run)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        result = train(recipe, small, Path("/tmp/cifarlab-profile"), progress=False, log=lambda *a: None)
+        result = train(recipe, small, Path("/tmp/cifarlab-profile"), **run)
     rate_profiled = result.history[0]["images_per_s"]
-    plain = train(recipe, small, Path("/tmp/cifarlab-profile-plain"), progress=False, log=lambda *a: None)
+    plain = train(recipe, small, Path("/tmp/cifarlab-profile-plain"), **run)
     rate = plain.history[0]["images_per_s"]
 
     header("Where the exercise recipe's training time goes",
-           f"self CPU time by operator group over {args.steps} steps of batch 32 (torch.profiler), "
+           f"self CPU time by operator group over {args.steps} steps of batch 32, {precision} (torch.profiler), "
            f"then achieved vs measured peak FLOP rate")
     buckets = defaultdict(float)
     for event in prof.key_averages():
@@ -102,10 +108,10 @@ def main():
 
     flops = training_flops_per_image()
     achieved = rate * flops / 1e9
-    peak = sgemm_peak()
+    peak = gemm_peak(dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     print(f"\ntraining FLOPs per image (forward + both backward passes): {flops / 1e6:.1f} MFLOP")
     print(f"throughput without profiler: {rate:,.0f} img/s (with profiler: {rate_profiled:,.0f})")
-    print(f"achieved: {achieved:,.1f} GFLOP/s; measured sgemm peak (2048^3, {torch.get_num_threads()} threads): "
+    print(f"achieved: {achieved:,.1f} GFLOP/s; measured {precision} gemm peak (2048^3, {torch.get_num_threads()} threads): "
           f"{peak:,.1f} GFLOP/s; ratio {achieved / peak:.0%}")
 
 

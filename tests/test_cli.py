@@ -78,3 +78,15 @@ def test_hostile_arguments_are_rejected_by_the_parser(args, message, capsys):
         main(args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_tta_option_takes_a_level():
+    from cifarlab.cli import build_parser
+
+    parser = build_parser()
+    base = ["train", "--preset", "fast"]
+    assert parser.parse_args(base).tta is None
+    assert parser.parse_args(base + ["--tta"]).tta == 1
+    assert parser.parse_args(base + ["--tta", "2"]).tta == 2
+    assert parser.parse_args(base + ["--no-tta"]).tta == 0
+    assert parser.parse_args(["evaluate", "runs/x", "--tta", "2"]).tta == 2

@@ -6,12 +6,14 @@ of the real training set, with a dropout-free declaration and no augmentation. R
 every global batch and DDP averages the gradients, so per-rank batch B on 2 ranks must give the weights
 of batch 2B in one process: checked to ``ATOL``. The same launch also stops runs mid-epoch and resumes
 them (still 2 processes), which must land on the same weights as the uninterrupted runs, with and
-without dropout.
+without dropout, and with airbench94's recipe on a small airbench-style net (BatchNorm, lookahead,
+alternating flips, a whitening bias that stops training after epoch 1 while DDP keeps running).
 """
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 import subprocess
 import sys
 import textwrap
@@ -22,6 +24,7 @@ import torch
 
 from cifarlab.checkpoints import load_checkpoint
 from cifarlab.data import CIFAR10
+from cifarlab.models import airbench_like
 from cifarlab.train import recipe_from, train
 
 ATOL = 1e-5          # float32 sums in another order (2 x 16 vs 32 images) over 32 Adamax steps
@@ -68,6 +71,14 @@ def _subset(cifar) -> CIFAR10:
                    classes=cifar.classes, root=cifar.root)
 
 
+def _airbench_recipe(tmp) -> dict:
+    path = tmp / "ddp_airbench.json"
+    path.write_text(json.dumps(airbench_like((8, 16, 16), name="ddp-airbench", init="identity", bn_scale=False)))
+    recipe = recipe_from("airbench94", model=str(path), epochs=EPOCHS, batch_size=PER_RANK_BATCH, lookahead=3,
+                         whiten_bias_epochs=1, tta=1, seed=3)
+    return asdict(recipe)
+
+
 def _max_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max()) for k in a)
@@ -85,7 +96,8 @@ def runs(cifar, tmp_path_factory):
     recipe = {"model": str(decl_path), "epochs": EPOCHS, "batch_size": PER_RANK_BATCH, "seed": 3}
     jobs = [{"recipe": recipe, "full": str(tmp / "ddp"), "resumed": str(tmp / "ddp-resumed")},
             {"recipe": dict(recipe, model=str(dropout_path)), "full": str(tmp / "dropout"),
-             "resumed": str(tmp / "dropout-resumed")}]
+             "resumed": str(tmp / "dropout-resumed")},
+            {"recipe": _airbench_recipe(tmp), "full": str(tmp / "airbench"), "resumed": str(tmp / "airbench-resumed")}]
     cfg = {"data": str(tmp / "data.npz"), "classes": list(cifar.classes), "jobs": jobs, "stop_after": STOP_AFTER}
     (tmp / "cfg.json").write_text(json.dumps(cfg))
     (tmp / "driver.py").write_text(DRIVER)
@@ -131,6 +143,14 @@ def test_resume_under_ddp_with_dropout_matches_the_uninterrupted_run(runs):
     diff = _max_diff(_weights(runs / "dropout-resumed"), _weights(runs / "dropout"))
     print(f"\nDDP with dropout, resumed vs uninterrupted: max |weight diff| = {diff:.3g}")
     assert diff < ATOL
+
+
+def test_resume_under_ddp_with_airbench_recipe_matches_the_uninterrupted_run(runs):
+    diff = _max_diff(_weights(runs / "airbench-resumed"), _weights(runs / "airbench"))
+    print(f"\nDDP, airbench94 recipe, resumed vs uninterrupted: max |weight diff| = {diff:.3g}")
+    assert diff < ATOL
+    history = load_checkpoint(runs / "airbench" / "final").meta["history"]
+    assert len(history) == EPOCHS and history[-1]["train_loss"] < history[0]["train_loss"]
 
 
 def test_single_process_really_trained(runs):

@@ -121,3 +121,21 @@ def test_whitening_layer_whitens_patches(cifar):
     # Unit variance, except where eps (the regularizer) damps the weakest directions.
     assert torch.diag(cov).max() <= 1.001 and (torch.diag(cov) > 0.95).sum() >= 8 and torch.diag(cov).min() > 0.5
     assert not model.whiten.weight.requires_grad
+
+
+def test_airbench94_declaration_has_airbenchs_init_and_fixed_batchnorm_scale():
+    torch.manual_seed(0)
+    net = M.build_model("airbench94")
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d) and not isinstance(m, M.Whiten)]
+    for conv in convs:  # the first C_in filters are the identity
+        c_in = conv.in_channels
+        identity = torch.zeros_like(conv.weight[:c_in])
+        torch.nn.init.dirac_(identity)
+        assert torch.equal(conv.weight[:c_in], identity)
+        if conv.out_channels > c_in:  # the rest keep PyTorch's random init
+            assert conv.weight[c_in:].abs().sum() > 0
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(not bn.weight.requires_grad and bn.bias.requires_grad for bn in norms)
+    frozen = sum(p.numel() for p in net.parameters() if not p.requires_grad)
+    assert f"Non-trainable params: {frozen:,}" in M.summary(net)
+    assert f"Non-trainable params: {frozen:,}" in M.summary(M.get_declaration("airbench94"))

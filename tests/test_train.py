@@ -98,3 +98,111 @@ def test_checkpoints_are_pruned(cifar, tmp_path):
     train(recipe_from("exercise", epochs=3), data, tmp_path / "r", progress=False, log=quiet, checkpoint_every=4)
     names = [p.name for p in C.checkpoint_dirs(tmp_path / "r")]
     assert names == [C.checkpoint_name(30), C.checkpoint_name(28)]  # the newest two; 10 steps per epoch
+
+
+# ---------------------------------------------------------------------------------------------------
+# airbench's tricks: schedule, parameter groups, lookahead, whitening-bias epochs, exact resume
+
+
+def _tiny_airbench(tmp_path) -> str:
+    import json
+
+    from cifarlab.models import airbench_like
+
+    path = tmp_path / "tiny_airbench.json"
+    path.write_text(json.dumps(airbench_like((16, 32, 32), name="tiny", init="identity", bn_scale=False)))
+    return str(path)
+
+
+def test_onecycle_starts_and_ends_at_the_given_fractions():
+    r = recipe_from("airbench94")
+    spe = 49
+    assert learning_rate(r, 0, 0, spe) == pytest.approx(0.2 * r.lr)
+    peak_step = round(0.23 * 10 * spe)
+    assert learning_rate(r, *divmod(peak_step, spe), spe) == pytest.approx(r.lr, rel=0.01)
+    assert learning_rate(r, 9, spe, spe) == pytest.approx(0.07 * r.lr)  # just after the last step
+    plain = recipe_from("fast")
+    assert learning_rate(plain, 0, 0, 100) == 0 and learning_rate(plain, 2, 100, 100) == pytest.approx(0)
+
+
+def test_sgd_groups_scale_batchnorm_lr_and_keep_the_decay_per_step():
+    from cifarlab.models import build_model
+    from cifarlab.train import _set_lr, make_optimizer
+
+    model = build_model("airbench94")
+    opt = make_optimizer(recipe_from("airbench94"), model)
+    _set_lr(opt, 0.5)
+    by_scale = {g["lr_scale"]: g for g in opt.param_groups}
+    bn = by_scale[64.0]
+    assert bn["lr"] == 32.0 and all(p.ndim == 1 for p in bn["params"])
+    assert bn["lr"] * bn["weight_decay"] == pytest.approx(by_scale[1.0]["lr"] * by_scale[1.0]["weight_decay"])
+    fast = make_optimizer(recipe_from("fast"), build_model("fast"))
+    assert all(g["weight_decay"] == 0 for g in fast.param_groups if all(p.ndim == 1 for p in g["params"]))
+
+
+def test_lookahead_pulls_toward_a_slow_copy_and_adopts_it_at_the_end():
+    from cifarlab.train import Lookahead
+
+    model = torch.nn.Linear(3, 2)
+    la = Lookahead(model, every=2, total_steps=4)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    la.step(model, 1)  # not a multiple of 2: untouched
+    assert torch.equal(model.weight, start + 1)
+    la.step(model, 2)  # decay = 0.95**5 * (2/4)**3
+    d = 0.95 ** 5 * 0.125
+    assert torch.allclose(model.weight, d * start + (1 - d) * (start + 1))
+    slow = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(5.0)
+    la.step(model, 4)  # the last step: a scheduled pull, then the weights become the slow copy
+    d = 0.95 ** 5
+    assert torch.allclose(model.weight, d * slow + (1 - d) * (slow + 5))
+
+
+def test_whitening_bias_trains_only_in_its_epochs(cifar, tmp_path):
+    data = small(cifar, 512, 100)
+    recipe = recipe_from("airbench94", model=_tiny_airbench(tmp_path), epochs=2, batch_size=128, lookahead=0,
+                         whiten_bias_epochs=1, tta=0)
+    train(recipe, data, tmp_path / "r", progress=False, log=quiet)
+    after_1 = C.load_checkpoint(C.checkpoint_dirs(tmp_path / "r")[-1]).model.whiten.bias  # oldest kept: epoch 1
+    final = C.load_checkpoint(tmp_path / "r" / "final").model
+    assert after_1.abs().sum() > 0  # it moved from zero during epoch 1 ...
+    assert torch.equal(final.whiten.bias, after_1)  # ... and not in epoch 2
+    assert not torch.equal(final.g1_conv1.weight,
+                           C.load_checkpoint(C.checkpoint_dirs(tmp_path / "r")[-1]).model.g1_conv1.weight)
+
+
+def test_resume_is_exact_with_all_of_airbenchs_tricks(cifar, tmp_path):
+    data = small(cifar, 512, 100)
+    recipe = recipe_from("airbench94", model=_tiny_airbench(tmp_path), epochs=2, batch_size=64, lookahead=3,
+                         whiten_bias_epochs=1, tta=2)  # 8 steps per epoch
+    full = train(recipe, data, tmp_path / "full", progress=False, log=quiet)
+    train(recipe, data, tmp_path / "part", progress=False, log=quiet, max_steps=11)  # mid epoch 2
+    resumed = train(recipe, data, tmp_path / "part", progress=False, log=quiet, resume=True)
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert full.history[-1]["val_acc"] == resumed.history[-1]["val_acc"]
+
+
+def test_precision_choice():
+    from cifarlab.train import resolve_precision
+
+    cpu = torch.device("cpu")
+    native = bool(torch.cpu.get_capabilities().get("avx512_bf16") or torch.cpu.get_capabilities().get("amx_bf16"))
+    assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("fp8", cpu)
+
+
+def test_bf16_and_fp32_training_both_learn_and_record_their_precision(cifar, tmp_path):
+    data = small(cifar, 2000, 500)
+    accs = {}
+    for precision in ("fp32", "bf16"):
+        result = train(recipe_from("exercise", epochs=1), data, tmp_path / precision, progress=False,
+                       log=quiet, precision=precision)
+        accs[precision] = result.history[-1]["val_acc"]
+        assert C.load_checkpoint(tmp_path / precision / "final").meta["precision"] == precision
+    assert min(accs.values()) > 0.2, accs

@@ -68,13 +68,15 @@ class Recipe:
             (1 <= self.batch_size <= 65_536, "batch size must be 1..65536"),
             (self.optimizer in ("adamax", "adam", "adamw", "sgd"), "optimizer must be adamax, adam, adamw or sgd"),
             (math.isfinite(self.lr) and 0 < self.lr <= 100, "lr must be > 0 and <= 100"),
-            (self.schedule in ("exp", "onecycle", "linear", "constant"), "schedule must be exp, onecycle, linear or constant"),
+            (self.schedule in ("exp", "onecycle", "linear", "constant"),
+             "schedule must be exp, onecycle, linear or constant"),
             (0 < self.lr_decay <= 1, "lr decay must be in (0, 1]"),
             (0 <= self.warmup < 1, "warmup must be in [0, 1)"),
             (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
             (0 <= self.weight_decay < 1, "weight decay must be in [0, 1)"),
             (0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
-            (0 <= self.lr_start <= 1 and 0 <= self.lr_end <= 1, "lr start and end must be in [0, 1] (fractions of the peak)"),
+            (0 <= self.lr_start <= 1 and 0 <= self.lr_end <= 1,
+             "lr start and end must be in [0, 1] (fractions of the peak)"),
             (math.isfinite(self.bn_lr_scale) and 0 < self.bn_lr_scale <= 1000, "bn lr scale must be in (0, 1000]"),
             (0 <= self.lookahead <= 10_000, "lookahead must be 0..10000 steps"),
             (0 <= self.whiten_bias_epochs <= self.epochs, "whiten bias epochs must be 0..epochs"),
@@ -342,240 +344,288 @@ def train(recipe: Recipe, data: CIFAR10, run_dir: str | Path, device: str | torc
     ``max_steps`` stops after that many optimizer steps in this call (for tests and benchmarks).
     """
     recipe.validate()
-    run_dir = Path(run_dir)
-    dist = dist_info()
     device = torch.device(device) if device else default_device()
     if channels_last is None:
         channels_last = device.type == "cpu"  # measured faster on CPU for these convs (bench/)
-    precision = resolve_precision(precision, device)
-    normalization = Normalization.named(recipe.normalization)
-    # Alternating flips are applied by the loop from a per-image mask; Augment does the random ones.
-    augment = Augment(recipe.flip and not recipe.alt_flip, recipe.translate, recipe.cutout, recipe.translate_pad)
-
-    train_split, val_split, val_source = data.train, data.test, "test set (as in the exercise)"
-    if recipe.val_split:
-        train_split, val_split = holdout_split(data.train, recipe.val_split, seed=recipe.seed)
-        val_source = f"{recipe.val_split} images held out from the training set"
-
-    torch.manual_seed(recipe.seed)
-    decl = get_declaration(recipe.model)
-    model = Net(decl)
-    if any(layer["type"] == "whiten" for layer in decl["layers"]):
-        sample = train_split.images[epoch_order(recipe.seed, -1, len(train_split))[:5000]]
-        model.init_from_data(normalization(sample))
-    whiten_biases = [m.bias for m in model.modules() if isinstance(m, Whiten)]
-    for bias in whiten_biases:  # in the optimizer from the start; frozen again after whiten_bias_epochs
-        bias.requires_grad_(recipe.whiten_bias_epochs > 0)
-    if dist.world > 1:
-        torch.manual_seed(recipe.seed + 1_000_003 * dist.rank)  # same init, different dropout per rank
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(recipe, model)
-
-    history: list[dict] = []
-    n = len(train_split)
-    spe = steps_per_epoch(n, recipe.batch_size, dist.world)
-    if spe == 0:
-        raise ValueError(f"batch size {recipe.batch_size} x {dist.world} processes is larger than the {n} training images")
-    lookahead = Lookahead(model, recipe.lookahead, recipe.epochs * spe) if recipe.lookahead else None
-    start_epoch, start_step, partial = 0, 0, {}
+    run = _Run(recipe, data, Path(run_dir), device, channels_last, resolve_precision(precision, device),
+               keep_checkpoints, log)
     if resume:
-        loaded = _try_resume(run_dir, recipe, log)
-        if loaded is not None:
-            ckpt = loaded
-            model.load_state_dict(ckpt.model.state_dict())
-            if lookahead is not None:
-                lookahead.restore({k: ckpt.optimizer_tensors.pop(k) for k in list(ckpt.optimizer_tensors)
-                                   if k.startswith(Lookahead.PREFIX)})
-            _restore_optimizer(optimizer, ckpt.optimizer_tensors, ckpt.train_state["optimizer"])
-            torch.set_rng_state(ckpt.optimizer_tensors_rng)
-            history = ckpt.meta.get("history", [])
-            start_epoch, start_step = ckpt.train_state["epoch"], ckpt.train_state["step_in_epoch"]
-            partial = ckpt.train_state.get("partial_epoch", {})
-            log(f"resuming from {ckpt.path} (epoch {start_epoch + 1}, step {start_step})")
+        run.resume()
+    run.parallelize(compile)
+    run.create_folder(tensorboard)
+    try:
+        return run.loop(progress, checkpoint_every, max_steps)
+    finally:
+        if run.writer is not None:
+            run.writer.close()
 
-    images = train_split.images.to(device)
-    labels = train_split.labels.to(device)
 
-    train_model = model
-    if dist.world > 1 and device.type == "cuda":
-        # Batch statistics over the global batch, as one process would compute them. (On CPU, PyTorch's
-        # SyncBatchNorm does not run, so each rank normalizes with its own shard's statistics.)
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        train_model = model
-    if dist.world > 1:
-        # find_unused_parameters: the whitening bias stops receiving gradients after whiten_bias_epochs.
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=recipe.whiten_bias_epochs > 0)
-    if compile:
-        train_model = _maybe_compile(train_model, log)
-    autocast = _train_autocast(device, precision)
+class _Run:
+    """One call of train(): model, optimizer and data on the device, and where the loop stands."""
 
-    base_meta = {
-        "architecture": decl, "classes": list(data.classes), "normalization": normalization.to_dict(),
-        "recipe": asdict(recipe), "seed": recipe.seed, "val_source": val_source, "world_size": dist.world,
-        "precision": precision,
-    }
-    if dist.is_main:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(run_dir / "recipe.json", asdict(recipe))
-        except OSError as e:
-            raise TrainingError(f"{run_dir}: cannot create or write the run folder ({e.strerror or e}).") from None
-    writer = _tensorboard_writer(run_dir, tensorboard and dist.is_main, log)
+    def __init__(self, recipe: Recipe, data: CIFAR10, run_dir: Path, device: torch.device, channels_last: bool,
+                 precision: str, keep_checkpoints: int, log):
+        self.recipe, self.data, self.run_dir, self.device, self.log = recipe, data, run_dir, device, log
+        self.channels_last, self.precision, self.keep_checkpoints = channels_last, precision, keep_checkpoints
+        self.dist = dist_info()
+        self.normalization = Normalization.named(recipe.normalization)
+        # Alternating flips are applied by the loop from a per-image mask; Augment does the random ones.
+        self.augment = Augment(recipe.flip and not recipe.alt_flip, recipe.translate, recipe.cutout,
+                               recipe.translate_pad)
+        self.train_split, self.val_split = data.train, data.test
+        self.val_source = "test set (as in the exercise)"
+        if recipe.val_split:
+            self.train_split, self.val_split = holdout_split(data.train, recipe.val_split, seed=recipe.seed)
+            self.val_source = f"{recipe.val_split} images held out from the training set"
+        self.n = len(self.train_split)
+        self.spe = steps_per_epoch(self.n, recipe.batch_size, self.dist.world)
+        if self.spe == 0:
+            raise ValueError(f"batch size {recipe.batch_size} x {self.dist.world} processes is larger than the "
+                             f"{self.n} training images")
+        self.model = self._build_model()
+        self.train_model = self.model
+        self.optimizer = make_optimizer(recipe, self.model)
+        self.lookahead = Lookahead(self.model, recipe.lookahead, recipe.epochs * self.spe) if recipe.lookahead else None
+        self.images = self.train_split.images.to(device)
+        self.labels = self.train_split.labels.to(device)
+        self.autocast = _train_autocast(device, precision)
+        self.history: list[dict] = []
+        self.start_epoch, self.start_step, self.partial = 0, 0, {}
+        self.writer = None
+        self.base_meta = {
+            "architecture": self.model.declaration, "classes": list(data.classes),
+            "normalization": self.normalization.to_dict(), "recipe": asdict(recipe), "seed": recipe.seed,
+            "val_source": self.val_source, "world_size": self.dist.world, "precision": precision,
+        }
 
-    def save_on_main(epoch: int, step_in_epoch: int, global_step: int, partial: dict | None) -> Path | None:
-        # Every rank's RNG state (its dropout and augmentation stream) goes into rank 0's checkpoint.
-        rng_states = [torch.get_rng_state()]
-        if dist.world > 1:
-            rng_states = [None] * dist.world
-            torch.distributed.all_gather_object(rng_states, torch.get_rng_state())
-        if not dist.is_main:
-            return None
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise TrainingError("weights became NaN/inf; not saving them. The last good checkpoint is kept.")
-        opt_tensors, opt_info = _optimizer_tensors(optimizer)
-        for rank, rng in enumerate(rng_states):
-            opt_tensors[f"rng.torch.rank{rank}"] = rng
-        if lookahead is not None:
-            opt_tensors.update(lookahead.tensors())
-        meta = dict(base_meta, epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step,
-                    history=history, metrics=history[-1] if history else {})
-        state = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-                 "optimizer": opt_info, "recipe": asdict(recipe), "world_size": dist.world,
-                 "partial_epoch": partial or {}}
-        path = ckpts.save_checkpoint(run_dir / ckpts.CKPT_DIR / ckpts.checkpoint_name(global_step), model, meta,
-                                     train_state=state, optimizer_tensors=opt_tensors)
-        ckpts.prune_checkpoints(run_dir, keep=keep_checkpoints)
-        return path
+    # -- set-up --------------------------------------------------------------------------------------
 
-    def save(epoch: int, step_in_epoch: int, global_step: int, partial: dict | None = None) -> Path | None:
-        path = save_on_main(epoch, step_in_epoch, global_step, partial)
-        if dist.world > 1:
+    def _build_model(self) -> Net:
+        recipe = self.recipe
+        torch.manual_seed(recipe.seed)
+        model = Net(get_declaration(recipe.model))
+        if any(layer["type"] == "whiten" for layer in model.declaration["layers"]):
+            sample = self.train_split.images[epoch_order(recipe.seed, -1, self.n)[:5000]]
+            model.init_from_data(self.normalization(sample))
+        self.whiten_biases = [m.bias for m in model.modules() if isinstance(m, Whiten)]
+        for bias in self.whiten_biases:  # in the optimizer from the start; frozen after whiten_bias_epochs
+            bias.requires_grad_(recipe.whiten_bias_epochs > 0)
+        if self.dist.world > 1:
+            torch.manual_seed(recipe.seed + 1_000_003 * self.dist.rank)  # same init, different dropout per rank
+        model.to(self.device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return model
+
+    def resume(self) -> None:
+        ckpt = _try_resume(self.run_dir, self.recipe, self.log)
+        if ckpt is None:
+            return
+        self.model.load_state_dict(ckpt.model.state_dict())
+        if self.lookahead is not None:
+            self.lookahead.restore({k: ckpt.optimizer_tensors.pop(k) for k in list(ckpt.optimizer_tensors)
+                                    if k.startswith(Lookahead.PREFIX)})
+        _restore_optimizer(self.optimizer, ckpt.optimizer_tensors, ckpt.train_state["optimizer"])
+        torch.set_rng_state(ckpt.optimizer_tensors_rng)
+        self.history = ckpt.meta.get("history", [])
+        self.start_epoch, self.start_step = ckpt.train_state["epoch"], ckpt.train_state["step_in_epoch"]
+        self.partial = ckpt.train_state.get("partial_epoch", {})
+        self.log(f"resuming from {ckpt.path} (epoch {self.start_epoch + 1}, step {self.start_step})")
+
+    def parallelize(self, compile: bool) -> None:
+        if self.dist.world > 1 and self.device.type == "cuda":
+            # Batch statistics over the global batch, as one process would compute them. (On CPU, PyTorch's
+            # SyncBatchNorm does not run, so each rank normalizes with its own shard's statistics.)
+            self.model = self.train_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        if self.dist.world > 1:
+            # find_unused_parameters: the whitening bias stops receiving gradients after whiten_bias_epochs.
+            self.train_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.recipe.whiten_bias_epochs > 0)
+        if compile:
+            self.train_model = _maybe_compile(self.train_model, self.log)
+
+    def create_folder(self, tensorboard: bool) -> None:
+        if self.dist.is_main:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(self.run_dir / "recipe.json", asdict(self.recipe))
+            except OSError as e:
+                raise TrainingError(f"{self.run_dir}: cannot create or write the run folder "
+                                    f"({e.strerror or e}).") from None
+        self.writer = _tensorboard_writer(self.run_dir, tensorboard and self.dist.is_main, self.log)
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+
+    def save(self, epoch: int, step_in_epoch: int, partial: dict | None = None) -> Path | None:
+        path = self._save_on_main(epoch, step_in_epoch, epoch * self.spe + step_in_epoch, partial)
+        if self.dist.world > 1:
             torch.distributed.barrier()  # no rank runs ahead of (or resumes before) the finished checkpoint
         return path
 
-    log(f"training {decl['name']} ({model.num_parameters():,} parameters) on {device}, "
-        f"{torch.get_num_threads()} threads, {precision}; {n:,} images, batch {recipe.batch_size}"
-        f"{f' x {dist.world} processes' if dist.world > 1 else ''}, {recipe.epochs} epochs; "
-        f"validation: {val_source}")
-    started = time.perf_counter()
-    steps_done = 0
-    with _StopFlag() as stop:
-        for epoch in range(start_epoch, recipe.epochs):
-            order = epoch_order(recipe.seed, epoch, n).to(device)
-            flips = alternating_flips(recipe.seed, n, epoch).to(device) if recipe.flip and recipe.alt_flip else None
-            for bias in whiten_biases:
-                bias.requires_grad_(epoch < recipe.whiten_bias_epochs)
-            lr = learning_rate(recipe, epoch, start_step, spe)
-            log(f"Epoch {epoch + 1}/{recipe.epochs}  learning rate: {lr:.6g}")
-            model.train()
-            # Running sums of a partly done epoch come back from the checkpoint, so resumed metrics match.
-            # (They are sums over all ranks, restored on rank 0 only.)
-            partial = partial if dist.is_main else {}
-            loss_sum = torch.tensor(partial.get("loss_sum", 0.0), device=device, dtype=torch.float64)
-            correct = torch.tensor(partial.get("correct", 0), device=device, dtype=torch.int64)
-            seen = partial.get("seen", 0)
-            epoch_start = time.perf_counter() - partial.get("seconds", 0.0)
-            partial = {}
-            bar = _bar(spe, start_step, f"epoch {epoch + 1}/{recipe.epochs}", progress and dist.is_main)
+    def _save_on_main(self, epoch: int, step_in_epoch: int, global_step: int, partial: dict | None) -> Path | None:
+        # Every rank's RNG state (its dropout and augmentation stream) goes into rank 0's checkpoint.
+        rng_states = [torch.get_rng_state()]
+        if self.dist.world > 1:
+            rng_states = [None] * self.dist.world
+            torch.distributed.all_gather_object(rng_states, torch.get_rng_state())
+        if not self.dist.is_main:
+            return None
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise TrainingError("weights became NaN/inf; not saving them. The last good checkpoint is kept.")
+        opt_tensors, opt_info = _optimizer_tensors(self.optimizer)
+        for rank, rng in enumerate(rng_states):
+            opt_tensors[f"rng.torch.rank{rank}"] = rng
+        if self.lookahead is not None:
+            opt_tensors.update(self.lookahead.tensors())
+        meta = dict(self.base_meta, epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step,
+                    history=self.history, metrics=self.history[-1] if self.history else {})
+        state = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+                 "optimizer": opt_info, "recipe": asdict(self.recipe), "world_size": self.dist.world,
+                 "partial_epoch": partial or {}}
+        path = ckpts.save_checkpoint(self.run_dir / ckpts.CKPT_DIR / ckpts.checkpoint_name(global_step), self.model,
+                                     meta, train_state=state, optimizer_tensors=opt_tensors)
+        ckpts.prune_checkpoints(self.run_dir, keep=self.keep_checkpoints)
+        return path
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def loop(self, progress: bool, checkpoint_every: int, max_steps: int | None) -> TrainResult:
+        recipe = self.recipe
+        self.log(f"training {self.model.declaration['name']} ({self.model.num_parameters():,} parameters) on "
+                 f"{self.device}, {torch.get_num_threads()} threads, {self.precision}; {self.n:,} images, batch "
+                 f"{recipe.batch_size}{f' x {self.dist.world} processes' if self.dist.world > 1 else ''}, "
+                 f"{recipe.epochs} epochs; validation: {self.val_source}")
+        self.started = time.perf_counter()
+        self.steps_done = 0
+        with _StopFlag() as stop:
+            for epoch in range(self.start_epoch, recipe.epochs):
+                sums = self._train_epoch(epoch, stop, progress, checkpoint_every, max_steps)
+                if sums is None:  # max_steps reached inside the epoch (checkpoint written)
+                    return self._result()
+                self._end_epoch(epoch, *sums)
+                path = self.save(epoch + 1, 0)
+                if _any_rank(stop.requested, self.dist):
+                    raise TrainingInterrupted(path or self.run_dir)
+                if max_steps is not None and self.steps_done >= max_steps:
+                    break
+        result = self._result()
+        if self.dist.is_main and len(self.history) == recipe.epochs:
+            meta = dict(self.base_meta, epoch=recipe.epochs, history=self.history, metrics=self.history[-1],
+                        train_seconds=result.seconds)
+            ckpts.save_checkpoint(self.run_dir / "final", self.model, meta)
+        return result
+
+    def _train_epoch(self, epoch: int, stop: _StopFlag, progress: bool, checkpoint_every: int,
+                     max_steps: int | None) -> tuple | None:
+        """Run the epoch's remaining steps; return (loss sum, correct, seen, seconds) summed over ranks,
+        or None when max_steps stopped it part-way. Raises TrainingInterrupted on Ctrl-C / SIGTERM."""
+        recipe, dist, spe = self.recipe, self.dist, self.spe
+        order = epoch_order(recipe.seed, epoch, self.n).to(self.device)
+        flips = alternating_flips(recipe.seed, self.n, epoch).to(self.device) if recipe.flip and recipe.alt_flip \
+            else None
+        for bias in self.whiten_biases:
+            bias.requires_grad_(epoch < recipe.whiten_bias_epochs)
+        start_step, self.start_step = self.start_step, 0
+        lr = learning_rate(recipe, epoch, start_step, spe)
+        self.log(f"Epoch {epoch + 1}/{recipe.epochs}  learning rate: {lr:.6g}")
+        self.model.train()
+        # Running sums of a partly done epoch come back from the checkpoint, so resumed metrics match.
+        # (They are sums over all ranks, restored on rank 0 only.)
+        partial, self.partial = (self.partial if dist.is_main else {}), {}
+        loss_sum = torch.tensor(partial.get("loss_sum", 0.0), device=self.device, dtype=torch.float64)
+        correct = torch.tensor(partial.get("correct", 0), device=self.device, dtype=torch.int64)
+        seen = partial.get("seen", 0)
+        epoch_start = time.perf_counter() - partial.get("seconds", 0.0)
+        bar = _bar(spe, start_step, f"epoch {epoch + 1}/{recipe.epochs}", progress and dist.is_main)
+        try:
             for step in range(start_step, spe):
-                idx = batch_indices(order, step, recipe.batch_size, dist)
-                x = images[idx]
-                if flips is not None:
-                    x = torch.where(flips[idx].view(-1, 1, 1, 1), x.flip(3), x)
-                x = normalization(x)
-                if augment.active:
-                    x = augment(x)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                y = labels[idx]
-                if recipe.schedule not in ("exp", "constant"):
-                    _set_lr(optimizer, learning_rate(recipe, epoch, step, spe))
-                else:
-                    _set_lr(optimizer, lr)
-                with autocast:
-                    logits = train_model(x)
-                    loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if lookahead is not None:
-                    lookahead.step(model, epoch * spe + step + 1)
+                x, y = self._batch(order, flips, step)
+                _set_lr(self.optimizer, learning_rate(recipe, epoch, step, spe))
+                loss, logits = self._step(x, y, epoch * spe + step + 1)
                 loss_sum += loss.detach() * len(y)
                 correct += (logits.detach().argmax(1) == y).sum()
                 seen += len(y)
-                steps_done += 1
-                if bar is not None and (step % 20 == 0 or step == spe - 1):
-                    _check_finite(loss_sum, epoch, step)
-                    elapsed = time.perf_counter() - epoch_start
-                    bar.set_postfix_str(f"loss {float(loss_sum) / seen:.4f} acc {float(correct) / seen:.4f} "
-                                        f"{seen * dist.world / max(elapsed, 1e-9):.0f} img/s", refresh=False)
+                self.steps_done += 1
                 if bar is not None:
+                    if step % 20 == 0 or step == spe - 1:
+                        _check_finite(loss_sum, epoch, step)
+                        rate = seen * dist.world / max(time.perf_counter() - epoch_start, 1e-9)
+                        bar.set_postfix_str(f"loss {float(loss_sum) / seen:.4f} acc {float(correct) / seen:.4f} "
+                                            f"{rate:.0f} img/s", refresh=False)
                     bar.update(1)
-                global_step = epoch * spe + step + 1
                 stop_now = _any_rank(stop.requested, dist)  # every rank stops at the same step
-                interrupted = stop_now or (max_steps is not None and steps_done >= max_steps)
-                if checkpoint_every and global_step % checkpoint_every == 0 and step != spe - 1 or \
-                        interrupted and step != spe - 1:
+                out_of_steps = max_steps is not None and self.steps_done >= max_steps
+                periodic = checkpoint_every and (epoch * spe + step + 1) % checkpoint_every == 0
+                if step != spe - 1 and (periodic or stop_now or out_of_steps):
                     _check_finite(loss_sum, epoch, step)
                     total_loss, total_correct, total_seen = _global_sums(loss_sum, correct, seen, dist)
-                    path = save(epoch, step + 1, global_step, {
-                        "loss_sum": total_loss, "correct": total_correct, "seen": total_seen,
-                        "seconds": time.perf_counter() - epoch_start})
-                    if interrupted:
-                        if bar is not None:
-                            bar.close()
-                        if stop_now:
-                            raise TrainingInterrupted(path or run_dir)
-                        return _result(run_dir, model, history, normalization, data, val_source, started, base_meta)
+                    path = self.save(epoch, step + 1, {"loss_sum": total_loss, "correct": total_correct,
+                                                       "seen": total_seen,
+                                                       "seconds": time.perf_counter() - epoch_start})
+                    if stop_now:
+                        raise TrainingInterrupted(path or self.run_dir)
+                    if out_of_steps:
+                        return None
+        finally:
             if bar is not None:
                 bar.close()
-            start_step = 0
-            _check_finite(loss_sum, epoch, spe)
-            seconds = time.perf_counter() - epoch_start
-            total_loss, total_correct, total_seen = _global_sums(loss_sum, correct, seen, dist)
-            row = {"epoch": epoch + 1, "train_loss": total_loss / max(total_seen, 1),
-                   "train_acc": total_correct / max(total_seen, 1), "lr": lr, "seconds": seconds,
-                   "images_per_s": total_seen / max(seconds, 1e-9)}
-            if dist.is_main:
-                # TTA level 2 costs six passes per image: the per-epoch check uses at most flip TTA, the
-                # last epoch the recipe's own level (so the final row is the final model's accuracy).
-                tta = recipe.tta if epoch + 1 == recipe.epochs else min(recipe.tta, 1)
-                val_logits = predict_logits(model, val_split.images, normalization, device=device, tta=tta,
-                                            channels_last=channels_last)
-                row["val_loss"] = float(F.cross_entropy(val_logits, val_split.labels))
-                row["val_acc"] = float((val_logits.argmax(1) == val_split.labels).float().mean())
-                log(f"  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | val loss {row['val_loss']:.4f} "
-                    f"acc {row['val_acc']:.4f} | {seconds:.1f} s, {row['images_per_s']:.0f} img/s")
-            history.append(row)
-            if dist.is_main:
-                write_metrics_csv(run_dir / "metrics.csv", history)
-                if writer is not None:
-                    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s"):
-                        writer.add_scalar(key.replace("_", "/", 1), row[key], epoch + 1)
-                    writer.flush()
-            path = save(epoch + 1, 0, (epoch + 1) * spe)
-            if _any_rank(stop.requested, dist):
-                raise TrainingInterrupted(path or run_dir)
-            if max_steps is not None and steps_done >= max_steps:
-                break
-    if writer is not None:
-        writer.close()
-    result = _result(run_dir, model, history, normalization, data, val_source, started, base_meta)
-    if dist.is_main and history and len(history) == recipe.epochs:
-        meta = dict(base_meta, epoch=recipe.epochs, history=history, metrics=history[-1],
-                    train_seconds=result.seconds)
-        ckpts.save_checkpoint(run_dir / "final", model, meta)
-    return result
+        _check_finite(loss_sum, epoch, spe)
+        return (*_global_sums(loss_sum, correct, seen, dist), time.perf_counter() - epoch_start)
 
+    def _batch(self, order: torch.Tensor, flips: torch.Tensor | None, step: int):
+        idx = batch_indices(order, step, self.recipe.batch_size, self.dist)
+        x = self.images[idx]
+        if flips is not None:
+            x = torch.where(flips[idx].view(-1, 1, 1, 1), x.flip(3), x)
+        x = self.normalization(x)
+        if self.augment.active:
+            x = self.augment(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, self.labels[idx]
 
-def _result(run_dir, model, history, normalization, data, val_source, started, base_meta) -> TrainResult:
-    return TrainResult(run_dir=run_dir, model=model, history=history, normalization=normalization,
-                       classes=list(data.classes), val_source=val_source,
-                       seconds=time.perf_counter() - started, meta=base_meta)
+    def _step(self, x: torch.Tensor, y: torch.Tensor, global_step: int):
+        with self.autocast:
+            logits = self.train_model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.recipe.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.lookahead is not None:
+            self.lookahead.step(self.model, global_step)
+        return loss, logits
+
+    def _end_epoch(self, epoch: int, loss_sum: float, correct: int, seen: int, seconds: float) -> None:
+        """Validation, the metrics row, metrics.csv and TensorBoard (on rank 0)."""
+        recipe = self.recipe
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+               "lr": learning_rate(recipe, epoch, 0, self.spe), "seconds": seconds,
+               "images_per_s": seen / max(seconds, 1e-9)}
+        if self.dist.is_main:
+            # TTA level 2 costs six passes per image: the per-epoch check uses at most flip TTA, the
+            # last epoch the recipe's own level (so the final row is the final model's accuracy).
+            tta = recipe.tta if epoch + 1 == recipe.epochs else min(recipe.tta, 1)
+            val_logits = predict_logits(self.model, self.val_split.images, self.normalization, device=self.device,
+                                        tta=tta, channels_last=self.channels_last)
+            row["val_loss"] = float(F.cross_entropy(val_logits, self.val_split.labels))
+            row["val_acc"] = float((val_logits.argmax(1) == self.val_split.labels).float().mean())
+            self.log(f"  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | val loss "
+                     f"{row['val_loss']:.4f} acc {row['val_acc']:.4f} | {seconds:.1f} s, "
+                     f"{row['images_per_s']:.0f} img/s")
+        self.history.append(row)
+        if self.dist.is_main:
+            write_metrics_csv(self.run_dir / "metrics.csv", self.history)
+            if self.writer is not None:
+                for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s"):
+                    self.writer.add_scalar(key.replace("_", "/", 1), row[key], epoch + 1)
+                self.writer.flush()
+
+    def _result(self) -> TrainResult:
+        return TrainResult(run_dir=self.run_dir, model=self.model, history=self.history,
+                           normalization=self.normalization, classes=list(self.data.classes),
+                           val_source=self.val_source, seconds=time.perf_counter() - self.started,
+                           meta=self.base_meta)
 
 
 def _global_sums(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, dist: DistInfo) -> tuple[float, int, int]:
