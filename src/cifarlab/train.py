@@ -79,7 +79,7 @@ class Recipe:
              "lr start and end must be in [0, 1] (fractions of the peak)"),
             (math.isfinite(self.bn_lr_scale) and 0 < self.bn_lr_scale <= 1000, "bn lr scale must be in (0, 1000]"),
             (0 <= self.lookahead <= 10_000, "lookahead must be 0..10000 steps"),
-            (0 <= self.whiten_bias_epochs <= self.epochs, "whiten bias epochs must be 0..epochs"),
+            (0 <= self.whiten_bias_epochs <= 10_000, "whiten bias epochs must be 0..10000"),
             (self.translate_pad in ("zeros", "reflect"), "translate pad must be zeros or reflect"),
             (self.tta in (0, 1, 2), "tta must be 0 (none), 1 (flip) or 2 (flip + translate)"),
             (self.normalization in ("exercise", "standard"), "normalization must be exercise or standard"),
