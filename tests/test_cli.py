@@ -87,6 +87,11 @@ def test_tta_option_takes_a_level():
     base = ["train", "--preset", "fast"]
     assert parser.parse_args(base).tta is None
     assert parser.parse_args(base + ["--tta"]).tta == 1
-    assert parser.parse_args(base + ["--tta", "2"]).tta == 2
+    assert parser.parse_args(base + ["--tta-level", "2"]).tta == 2
     assert parser.parse_args(base + ["--no-tta"]).tta == 0
-    assert parser.parse_args(["evaluate", "runs/x", "--tta", "2"]).tta == 2
+    assert parser.parse_args(["evaluate", "runs/x", "--tta-level", "2"]).tta == 2
+    # A bare --tta before a positional argument must not take it as a value.
+    args = parser.parse_args(["evaluate", "--tta", "runs/x"])
+    assert (args.tta, args.checkpoint) == (1, "runs/x")
+    args = parser.parse_args(["predict", "run/final", "--tta", "a.png"])
+    assert (args.tta, [str(i) for i in args.images]) == (1, ["a.png"])

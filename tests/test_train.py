@@ -206,3 +206,25 @@ def test_bf16_and_fp32_training_both_learn_and_record_their_precision(cifar, tmp
         accs[precision] = result.history[-1]["val_acc"]
         assert C.load_checkpoint(tmp_path / precision / "final").meta["precision"] == precision
     assert min(accs.values()) > 0.2, accs
+
+
+def test_recipes_saved_by_older_versions_still_compare_equal():
+    from dataclasses import asdict
+
+    from cifarlab.train import saved_recipe
+
+    old = {k: v for k, v in asdict(recipe_from("fast")).items()
+           if k not in ("lr_start", "lr_end", "decay_all", "bn_lr_scale", "lookahead", "whiten_bias_epochs",
+                        "alt_flip", "translate_pad")}
+    old["tta"] = True  # stored as a bool before TTA levels
+    assert saved_recipe(old) == asdict(recipe_from("fast"))
+    assert saved_recipe({}) == {}
+
+
+def test_options_that_would_be_ignored_are_refused():
+    with pytest.raises(ValueError, match="sgd optimizer only"):
+        recipe_from("exercise", bn_lr_scale=64.0)
+    with pytest.raises(ValueError, match="whitening layer"):
+        recipe_from("exercise", whiten_bias_epochs=2)
+    with pytest.raises(ValueError, match="tta"):
+        Recipe(tta=None).validate()

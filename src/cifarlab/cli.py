@@ -43,10 +43,13 @@ def _bounded_float(lo: float, hi: float):
 
 
 def add_tta_argument(p, default_help: str) -> None:
-    """--tta [LEVEL] (bare --tta: 1, flip), --no-tta (0); None means "as the recipe says"."""
-    p.add_argument("--tta", nargs="?", const=1, type=_bounded_int(0, 2), default=None, metavar="LEVEL",
-                   help=f"test-time augmentation: 0 none, 1 flip (bare --tta), 2 flip + translate {default_help}")
-    p.add_argument("--no-tta", dest="tta", action="store_const", const=0, help="same as --tta 0")
+    """--tta (flip, level 1), --tta-level N, --no-tta (0); None means "as the recipe says".
+    --tta stays a plain flag so it never swallows the positional argument after it."""
+    p.add_argument("--tta", dest="tta", action="store_const", const=1, default=None,
+                   help=f"flip test-time augmentation (same as --tta-level 1) {default_help}")
+    p.add_argument("--tta-level", dest="tta", type=_bounded_int(0, 2), metavar="N",
+                   help="test-time augmentation: 0 none, 1 flip, 2 flip + 1-pixel translations (airbench)")
+    p.add_argument("--no-tta", dest="tta", action="store_const", const=0, help="same as --tta-level 0")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
