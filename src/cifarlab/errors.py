@@ -1,4 +1,13 @@
 """Errors a user can act on. The CLI prints their message (no traceback) and exits non-zero."""
+import reprlib
+
+
+def short_repr(value, limit: int = 80) -> str:
+    """repr() for error messages, bounded: hostile values (huge, deeply nested) never blow up a message."""
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = limit
+    r.maxlevel = 3
+    return r.repr(value)[:limit]
 
 
 class CifarlabError(Exception):

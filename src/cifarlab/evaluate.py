@@ -19,6 +19,11 @@ def tta_level(value) -> int:
     return level
 
 
+def checkpoint_tta(meta: dict, override=None) -> int:
+    """The TTA level to evaluate a checkpoint with: ``override`` if given, else its recipe's level."""
+    return tta_level(meta.get("recipe", {}).get("tta", 0) if override is None else override)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import reprlib
 import tomllib
 from collections import OrderedDict
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import DeclarationError
+from .errors import DeclarationError, short_repr
 
 INPUT_SHAPE = (3, 32, 32)
 MAX_CHANNELS = 8192
@@ -138,13 +137,8 @@ class GlobalAvgPool(nn.Module):
 # Validation and shape arithmetic
 
 
-_SHORT = reprlib.Repr()
-_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlevel = 60, 60, 3
-
-
 def _short(value) -> str:
-    """A bounded repr: hostile values (huge, deeply nested) never blow up an error message."""
-    return _SHORT.repr(value)
+    return short_repr(value, 60)
 
 
 def _check_value(where: str, key: str, value, types, minimum=None, maximum=None):

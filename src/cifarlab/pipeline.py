@@ -12,7 +12,7 @@ from . import plots
 from .checkpoints import Checkpoint
 from .data import CIFAR10
 from .errors import CheckpointError
-from .evaluate import TTA_LEVELS, Evaluation, evaluate_model, tta_level
+from .evaluate import TTA_LEVELS, Evaluation, checkpoint_tta, evaluate_model, tta_level
 from .fsutil import atomic_write_json
 from .transforms import Normalization
 
@@ -34,7 +34,7 @@ def evaluate_to_folder(ckpt: Checkpoint, data: CIFAR10, out_dir: str | Path, see
     out_dir.mkdir(parents=True, exist_ok=True)
     check_compatible(ckpt, data)
     normalization = Normalization.from_dict(ckpt.meta["normalization"])
-    tta = tta_level(ckpt.meta.get("recipe", {}).get("tta", 0) if tta is None else tta)
+    tta = checkpoint_tta(ckpt.meta, tta)
     model = ckpt.model.to(device) if device else ckpt.model
     ev = evaluate_model(model, data.test.images, data.test.labels, data.classes, normalization, tta=tta, device=device)
     results = dict(ev.to_dict(), checkpoint=str(ckpt.path), architecture=ckpt.meta["architecture"]["name"],

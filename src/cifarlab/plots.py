@@ -4,19 +4,26 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # headless and deterministic; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from .fsutil import atomic_write_bytes
 
-from .fsutil import atomic_write_bytes  # noqa: E402
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (headless, deterministic; never needs a display), imported
+    on first use: commands that draw nothing (training, --help) do not pay for loading it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
+    pyplot().close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
 
@@ -29,7 +36,7 @@ def to_hwc(images) -> np.ndarray:
 
 def training_curves(history: list[dict], path: str | Path, val_source: str = "validation") -> Path:
     epochs = [row["epoch"] for row in history]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = pyplot().subplots(1, 3, figsize=(15, 4))
     for ax, key, title in ((axes[0], "loss", "Loss"), (axes[1], "acc", "Accuracy")):
         ax.plot(epochs, [row[f"train_{key}"] for row in history], "o-", label="train")
         if all(f"val_{key}" in row for row in history):
@@ -46,7 +53,7 @@ def training_curves(history: list[dict], path: str | Path, val_source: str = "va
 
 
 def confusion_matrix_plot(cm: np.ndarray, classes: list[str], path: str | Path) -> Path:
-    fig, ax = plt.subplots(figsize=(8, 7))
+    fig, ax = pyplot().subplots(figsize=(8, 7))
     im = ax.imshow(cm, cmap="Blues")
     ax.set_title("Confusion matrix (rows: true, columns: predicted)", fontsize=13)
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
@@ -61,7 +68,7 @@ def confusion_matrix_plot(cm: np.ndarray, classes: list[str], path: str | Path) 
 
 
 def per_class_accuracy_plot(per_class: dict[str, float], path: str | Path) -> Path:
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = pyplot().subplots(figsize=(8, 4))
     names, values = list(per_class), [100 * v for v in per_class.values()]
     bars = ax.bar(names, values, color="tab:blue")
     ax.bar_label(bars, fmt="%.1f", fontsize=8)
@@ -78,7 +85,7 @@ def image_grid(images, titles: list[str], path: str | Path, cols: int = 8, title
     images = to_hwc(images)
     n = len(images)
     rows = max(1, -(-n // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cell[0] * cols, cell[1] * rows), squeeze=False)
+    fig, axes = pyplot().subplots(rows, cols, figsize=(cell[0] * cols, cell[1] * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for i in range(n):

@@ -16,7 +16,7 @@ import torch
 
 from .checkpoints import Checkpoint, load_checkpoint
 from .errors import ImageError
-from .evaluate import predict_logits, tta_level
+from .evaluate import checkpoint_tta, predict_logits
 from .images import load_image
 from .transforms import Normalization
 
@@ -27,7 +27,7 @@ def predict_images(ckpt: Checkpoint, images: torch.Tensor, top_k: int = 3, tta: 
                    device: str | None = None) -> list[list[dict]]:
     """uint8 (N, 3, 32, 32) -> for each image its ``top_k`` {"class", "probability"}, most likely first."""
     classes = ckpt.meta["classes"]
-    tta = tta_level(ckpt.meta.get("recipe", {}).get("tta", 0) if tta is None else tta)
+    tta = checkpoint_tta(ckpt.meta, tta)
     normalization = Normalization.from_dict(ckpt.meta["normalization"])
     model = ckpt.model.to(device) if device else ckpt.model
     logits = predict_logits(model, images, normalization, device=device, tta=tta)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DataError
+from .errors import DataError, short_repr
 
 MAX_BATCH_FILE_BYTES = 200 << 20
 MAX_NDIM = 8
@@ -72,12 +72,12 @@ class _DTypeSpec:
         # (version, byteorder, subarray, names, fields, elsize, alignment, flags): only the byte order
         # matters for the simple dtypes accepted here; anything else must be the defaults.
         if not isinstance(state, tuple) or not 2 <= len(state) <= 9:
-            raise _refuse(f"a dtype state {_short(state)}")
+            raise _refuse(f"a dtype state {short_repr(state)}")
         order = state[1]
         if isinstance(order, bytes):
             order = order.decode("latin1")
         if order not in ("<", ">", "|", "="):
-            raise _refuse(f"a dtype byte order {_short(order)}")
+            raise _refuse(f"a dtype byte order {short_repr(order)}")
         if any(v is not None for v in state[2:5]):
             raise _refuse("a structured or sub-array dtype")
         if order in "<>" and self.dtype.itemsize > 1:
@@ -94,7 +94,7 @@ def _dtype(spec, align=False, copy=True) -> _DTypeSpec:
     if isinstance(spec, bytes):
         spec = spec.decode("latin1")
     if not isinstance(spec, str) or len(spec) > 8:
-        raise _refuse(f"the dtype {_short(spec)}")
+        raise _refuse(f"the dtype {short_repr(spec)}")
     try:
         dtype = np.dtype(spec)
     except (TypeError, ValueError):
@@ -108,7 +108,7 @@ def _dtype(spec, align=False, copy=True) -> _DTypeSpec:
 def _check_shape(shape) -> tuple[int, ...]:
     if not isinstance(shape, tuple) or len(shape) > MAX_NDIM or \
             not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2 ** 40 for s in shape):
-        raise _refuse(f"the array shape {_short(shape)}")
+        raise _refuse(f"the array shape {short_repr(shape)}")
     return shape
 
 
@@ -118,7 +118,7 @@ class _PickledArray(np.ndarray):
 
     def __setstate__(self, state):
         if not isinstance(state, tuple) or len(state) not in (4, 5):
-            raise _refuse(f"an array state {_short(state)}")
+            raise _refuse(f"an array state {short_repr(state)}")
         version = state[0] if len(state) == 5 else 0
         shape, dtype, fortran, raw = state[-4:]
         shape, dtype = _check_shape(shape), _as_dtype(dtype)
@@ -135,7 +135,7 @@ class _PickledArray(np.ndarray):
 def _reconstruct(subtype, shape, dtype):
     # numpy pickles every array as _reconstruct(ndarray, (0,), b'b') and then sets its state.
     if subtype is not _NDARRAY or shape != (0,):
-        raise _refuse(f"numpy _reconstruct({_short(subtype)}, {_short(shape)}, ...)")
+        raise _refuse(f"numpy _reconstruct({short_repr(subtype)}, {short_repr(shape)}, ...)")
     _as_dtype(dtype)
     return np.ndarray.__new__(_PickledArray, (0,), np.uint8)
 
@@ -162,7 +162,7 @@ def _scalar(dtype, data=None):
 def _codecs_encode(text, encoding="utf-8", errors="strict"):
     # Python 3 writes bytes as _codecs.encode(str, 'latin1') in protocols 0-2.
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
-        raise _refuse(f"_codecs.encode with {_short(encoding)}")
+        raise _refuse(f"_codecs.encode with {short_repr(encoding)}")
     return text.encode("latin1")
 
 
@@ -186,16 +186,6 @@ _ALLOWED = {
     ("builtins", "bytes"): _bytes,
     ("__builtin__", "bytes"): _bytes,
 }
-
-
-def _short(value, limit: int = 80) -> str:
-    """repr() for messages, safe for huge or deeply nested values."""
-    import reprlib
-
-    r = reprlib.Repr()
-    r.maxstring = r.maxother = limit
-    r.maxlevel = 3
-    return r.repr(value)[:limit]
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -235,7 +225,7 @@ def safe_load(path: Path):
         raise
     except Exception as e:  # any malformed pickle: one clear message, never a stack from pickle
         raise DataError(f"{path}: not a readable CIFAR-10 python batch ({type(e).__name__}: "
-                        f"{_short(str(e), 200)}).") from None
+                        f"{short_repr(str(e), 200)}).") from None
 
 
 def _get(d, key: str, path: Path):
@@ -278,7 +268,7 @@ def read_python_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def _class_names(names, path: Path) -> list[str]:
     if not isinstance(names, (list, tuple)) or len(names) != 10 or \
             not all(isinstance(n, (bytes, str)) and 0 < len(n) <= 64 for n in names):
-        raise DataError(f"{path}: 'label_names' must be a list of 10 short names, found {_short(names)}.")
+        raise DataError(f"{path}: 'label_names' must be a list of 10 short names, found {short_repr(names)}.")
     try:
         return [n.decode("utf-8") if isinstance(n, bytes) else n for n in names]
     except UnicodeDecodeError:

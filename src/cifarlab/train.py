@@ -375,9 +375,7 @@ class _Run:
         self.channels_last, self.precision, self.keep_checkpoints = channels_last, precision, keep_checkpoints
         self.dist = dist_info()
         self.normalization = Normalization.named(recipe.normalization)
-        # Alternating flips are applied by the loop from a per-image mask; Augment does the random ones.
-        self.augment = Augment(recipe.flip and not recipe.alt_flip, recipe.translate, recipe.cutout,
-                               recipe.translate_pad)
+        self.augment = Augment(recipe.flip, recipe.translate, recipe.cutout, recipe.translate_pad)
         self.train_split, self.val_split = data.train, data.test
         self.val_source = "test set (as in the exercise)"
         if recipe.val_split:
@@ -390,6 +388,9 @@ class _Run:
                              f"{self.n} training images")
         self.model = self._build_model()
         self.train_model = self.model
+        self.whiten_biases = [m.bias for m in self.model.modules() if isinstance(m, Whiten)]
+        for bias in self.whiten_biases:  # in the optimizer from the start; frozen after whiten_bias_epochs
+            bias.requires_grad_(recipe.whiten_bias_epochs > 0)
         self.optimizer = make_optimizer(recipe, self.model)
         self.lookahead = Lookahead(self.model, recipe.lookahead, recipe.epochs * self.spe) if recipe.lookahead else None
         self.images = self.train_split.images.to(device)
@@ -413,9 +414,6 @@ class _Run:
         if any(layer["type"] == "whiten" for layer in model.declaration["layers"]):
             sample = self.train_split.images[epoch_order(recipe.seed, -1, self.n)[:5000]]
             model.init_from_data(self.normalization(sample))
-        self.whiten_biases = [m.bias for m in model.modules() if isinstance(m, Whiten)]
-        for bias in self.whiten_biases:  # in the optimizer from the start; frozen after whiten_bias_epochs
-            bias.requires_grad_(recipe.whiten_bias_epochs > 0)
         if self.dist.world > 1:
             torch.manual_seed(recipe.seed + 1_000_003 * self.dist.rank)  # same init, different dropout per rank
         model.to(self.device)
@@ -581,12 +579,9 @@ class _Run:
 
     def _batch(self, order: torch.Tensor, flips: torch.Tensor | None, step: int):
         idx = batch_indices(order, step, self.recipe.batch_size, self.dist)
-        x = self.images[idx]
-        if flips is not None:
-            x = torch.where(flips[idx].view(-1, 1, 1, 1), x.flip(3), x)
-        x = self.normalization(x)
+        x = self.normalization(self.images[idx])
         if self.augment.active:
-            x = self.augment(x)
+            x = self.augment(x, flip_mask=None if flips is None else flips[idx])
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, self.labels[idx]

@@ -58,8 +58,10 @@ def _affine(norm: Normalization, device: torch.device, dtype) -> tuple[torch.Ten
     return scale, shift
 
 
-def random_flip(x: torch.Tensor, generator=None) -> torch.Tensor:
-    mask = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
+def random_flip(x: torch.Tensor, generator=None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mirror a random half of the batch, or the images ``mask`` (bool, per image) says; no draw then."""
+    if mask is None:
+        mask = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
     return torch.where(mask.view(-1, 1, 1, 1), x.flip(3), x)
 
 
@@ -112,9 +114,10 @@ class Augment:
     def active(self) -> bool:
         return self.flip or self.translate > 0 or self.cutout > 0
 
-    def __call__(self, x: torch.Tensor, generator=None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, generator=None, flip_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``flip_mask``: which images to mirror (alternating flips) instead of a random half."""
         if self.flip:
-            x = random_flip(x, generator)
+            x = random_flip(x, generator, flip_mask)
         if self.translate:
             x = random_translate(x, self.translate, generator, self.translate_pad)
         if self.cutout:

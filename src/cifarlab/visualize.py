@@ -47,6 +47,7 @@ from torch import nn
 from . import plots
 from .data import CIFAR10_MEAN
 from .errors import CifarlabError
+from .evaluate import predict_logits
 from .fsutil import atomic_write_json
 from .transforms import Normalization
 
@@ -288,14 +289,6 @@ def _random_view(images: torch.Tensor, settings: StimulusSettings, gen: torch.Ge
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def _normalize(normalization: Normalization, pixels: torch.Tensor) -> torch.Tensor:
-    """0..1 pixels -> the net's input, differentiably, with constants made here: a cached constant that
-    was first built under inference_mode could not be saved for backward."""
-    mean = torch.tensor(normalization.mean, dtype=pixels.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(normalization.std, dtype=pixels.dtype).view(1, 3, 1, 1)
-    return (pixels - mean) / std
-
-
 def total_variation(images: torch.Tensor) -> torch.Tensor:
     """Per image: mean squared difference between neighboring pixels."""
     dy = (images[:, :, 1:] - images[:, :, :-1]).pow(2).flatten(1).mean(1)
@@ -314,7 +307,7 @@ def _default_ascent(part, target, channels, all_channels, settings, seed, normal
     for _ in range(settings.steps):
         pixels = image()
         seen = _random_view(pixels, settings, view_gen)
-        objective = _objective(_run(part, _normalize(normalization, seen)), target, channels)
+        objective = _objective(_run(part, normalization(seen * 255.0)), target, channels)
         penalty = settings.tv * total_variation(pixels) + settings.l2 * (pixels - mean).pow(2).flatten(1).mean(1)
         optimizer.zero_grad(set_to_none=True)
         (penalty - objective).sum().backward()
@@ -380,8 +373,7 @@ def all_stimuli(model: nn.Sequential, normalization: Normalization, settings: St
 @torch.no_grad()
 def class_probabilities(model: nn.Module, images: torch.Tensor, normalization: Normalization) -> np.ndarray:
     """Softmax (N, classes) for uint8 images, re-normalized the way the net was trained."""
-    with _evaluating(model):
-        return torch.softmax(model(normalization(images)).float(), 1).numpy()
+    return torch.softmax(predict_logits(model, images, normalization), 1).numpy()
 
 
 def grader_check(model: nn.Module, class_stimuli: torch.Tensor, normalization: Normalization,
@@ -507,7 +499,7 @@ def _mosaic(tiles: np.ndarray, cols: int, gap: int, band: int) -> tuple[np.ndarr
 
 def _tile_figure(tiles: np.ndarray, labels: list[str], path, cols: int, title: str, tile_inches: float = 1.0,
                  label_lines: int = 1, font: int = 8) -> Path:
-    import matplotlib.pyplot as plt
+    plt = plots.pyplot()
 
     tiles = _upscale(np.ascontiguousarray(tiles))
     h, w = tiles.shape[1:3]
@@ -559,7 +551,7 @@ def _colored(maps: torch.Tensor, cmap: str = "viridis") -> np.ndarray:
 def plot_activation_maps(image: torch.Tensor, maps: dict[str, torch.Tensor], title: str, path) -> Path:
     """The input image, then each conv layer's channel maps as a mosaic (brighter = stronger; one color
     scale per layer)."""
-    import matplotlib.pyplot as plt
+    plt = plots.pyplot()
 
     cols, size = 16, 32
     blocks = [("input", _upscale(plots.to_hwc(image[None]), size))]
@@ -583,7 +575,7 @@ def plot_activation_maps(image: torch.Tensor, maps: dict[str, torch.Tensor], tit
 def plot_attributions(images: torch.Tensor, sal: torch.Tensor, cam: torch.Tensor, titles: list[str],
                       path) -> Path:
     """One column per image: the image, saliency overlaid, Grad-CAM overlaid."""
-    import matplotlib.pyplot as plt
+    plt = plots.pyplot()
 
     hwc = plots.to_hwc(images)
     n = len(hwc)
