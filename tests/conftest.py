@@ -74,3 +74,18 @@ def trained_run(cifar, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("trained") / "run"
     train(recipe_from("exercise", epochs=1), small, run_dir, progress=False, log=lambda *a, **k: None)
     return run_dir
+
+
+def write_image_folder(data, root: Path, test_images: int | None = None) -> Path:
+    """``data`` (a cifarlab Dataset) as PNG files in the ImageFolder layout: root/train/<class>/NNNNN.png and
+    root/test/<class>/NNNNN.png. PNG is lossless, so the folder dataset loads exactly these pixels back."""
+    from PIL import Image
+
+    splits = {"train": data.train, "test": data.test if test_images is None else data.test.subset(slice(0, test_images))}
+    for split, part in splits.items():
+        for c in data.classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+        pixels = part.images.permute(0, 2, 3, 1).numpy()
+        for i, (img, label) in enumerate(zip(pixels, part.labels.tolist())):
+            Image.fromarray(img).save(root / split / data.classes[label] / f"{i:05d}.png", compress_level=1)
+    return root

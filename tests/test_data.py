@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from cifarlab import data as D
+from cifarlab.data import base, holdout_split
+from cifarlab.data import cifar10 as D
 from cifarlab.errors import DataError
 
 
@@ -98,7 +99,7 @@ def test_verification_is_remembered(data_dir, monkeypatch):
     def no_hashing(path, *a, **k):
         raise AssertionError(f"re-hashed {path}")
 
-    monkeypatch.setattr(D, "md5_of", no_hashing)
+    monkeypatch.setattr(base, "md5_of", no_hashing)
     D.verify_folder(data_dir)  # every file is remembered: nothing is hashed again
 
 
@@ -118,9 +119,9 @@ def test_resolution_order(data_dir, tmp_path, monkeypatch):
 
 
 def test_holdout_split_is_disjoint_and_seeded(cifar):
-    train, val = D.holdout_split(cifar.train, 5000, seed=1)
+    train, val = holdout_split(cifar.train, 5000, seed=1)
     assert len(train) == 45_000 and len(val) == 5000
-    again_train, again_val = D.holdout_split(cifar.train, 5000, seed=1)
+    again_train, again_val = holdout_split(cifar.train, 5000, seed=1)
     assert torch.equal(val.labels, again_val.labels) and torch.equal(val.images[:10], again_val.images[:10])
     with pytest.raises(ValueError):
-        D.holdout_split(cifar.train, 0)
+        holdout_split(cifar.train, 0)

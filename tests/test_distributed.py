@@ -128,7 +128,8 @@ def test_only_rank_0_wrote_and_meta_records_the_world_size(runs):
     ckpt = load_checkpoint(runs / "ddp" / "final")
     assert ckpt.meta["world_size"] == 2 and ckpt.meta["recipe"]["batch_size"] == PER_RANK_BATCH
     assert len(ckpt.meta["history"]) == EPOCHS
-    assert sorted(p.name for p in (runs / "ddp").iterdir()) == ["checkpoints", "final", "metrics.csv", "recipe.json"]
+    assert sorted(p.name for p in (runs / "ddp").iterdir()) == ["checkpoints", "dataset.json", "final", "metrics.csv",
+                                                                "recipe.json"]
 
 
 def test_resume_under_ddp_matches_the_uninterrupted_run(runs):

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cifarlab import data as D
-from cifarlab.download import fetch_cifar10
+from cifarlab.data import cifar10 as D
+from cifarlab.data.cifar10 import fetch_cifar10
 from cifarlab.errors import DataError
 
 RECORDS = 20  # per batch file: enough to check shapes and labels, small enough to be instant

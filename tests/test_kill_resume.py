@@ -25,7 +25,8 @@ import torch
 from safetensors.torch import load_file
 
 from cifarlab import checkpoints as ckpts
-from cifarlab.data import CIFAR10, Split, read_bin, read_class_names
+from cifarlab.data import CIFAR10, Split
+from cifarlab.data.cifar10 import read_bin, read_class_names
 from cifarlab.cli import main as cli_main
 from cifarlab.errors import CheckpointError, CifarlabError
 from cifarlab.train import recipe_from, train
@@ -352,22 +353,10 @@ def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_stops_cleanly(work, tmp_path, 
 
 
 def _python_version_folder(small: CIFAR10, root: Path) -> Path:
-    """Real records in CIFAR-10's python-version layout: a small dataset the CLI can load in a moment."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    x = small.train.images.numpy().reshape(len(small.train), -1)
-    y = small.train.labels.numpy()
-    n = len(x) // 5
-    for i in range(5):
-        batch = {b"batch_label": f"training batch {i + 1} of 5".encode(), b"labels": y[i * n:(i + 1) * n].tolist(),
-                 b"data": x[i * n:(i + 1) * n], b"filenames": [b"x.png"] * n}
-        (folder / f"data_batch_{i + 1}").write_bytes(pickle.dumps(batch, protocol=2))
-    test = {b"batch_label": b"testing batch 1 of 1", b"labels": small.test.labels.numpy()[:100].tolist(),
-            b"data": small.test.images.numpy()[:100].reshape(100, -1), b"filenames": [b"x.png"] * 100}
-    (folder / "test_batch").write_bytes(pickle.dumps(test, protocol=2))
-    (folder / "batches.meta").write_bytes(pickle.dumps(
-        {b"label_names": [c.encode() for c in small.classes], b"num_cases_per_batch": n, b"num_vis": 3072}))
-    return folder
+    """Real records as an image folder (PNG, lossless): a small dataset the CLI loads in a moment."""
+    from conftest import write_image_folder
+
+    return write_image_folder(small, root / "small-folder", test_images=100)
 
 
 def _cli(args: list[str], **kw) -> subprocess.Popen:
@@ -376,7 +365,7 @@ def _cli(args: list[str], **kw) -> subprocess.Popen:
 
 
 def _cli_train_args(folder: Path, runs: Path, *extra: str) -> list[str]:
-    return ["train", "--data-dir", str(folder), "--runs-dir", str(runs), "--name", "r", "--batch-size", "50",
+    return ["train", "--dataset", f"folder:{folder}", "--runs-dir", str(runs), "--name", "r", "--batch-size", "50",
             "--no-progress", "--threads", "1", *extra]
 
 

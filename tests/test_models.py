@@ -84,7 +84,7 @@ def test_user_declaration_file_json_and_toml(tmp_path):
 ])
 def test_declaration_errors_name_the_layer(layers, message):
     with pytest.raises(DeclarationError, match=message):
-        M.validate({"name": "bad", "layers": layers})
+        M.validate({"name": "bad", "layers": layers}, num_classes=10)  # validated for a 10-class dataset
 
 
 def test_declaration_structure_errors(tmp_path):

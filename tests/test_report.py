@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from cifarlab import cli, report, visualize
+from cifarlab.cli import train as cli_train
 from cifarlab.data import CIFAR10
 
 SECTION_IDS = [sid for sid, _ in report.SECTIONS]
@@ -32,7 +33,7 @@ def cli_run(cifar, tmp_path_factory):
                     classes=cifar.classes, root=cifar.root)
     runs = tmp_path_factory.mktemp("runs")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cli, "_load_data", lambda args: small)
+        mp.setattr(cli_train, "load_data", lambda args, **kwargs: small)
         mp.setattr(visualize.StimulusSettings, "for_method", staticmethod(_quick))
         rc = cli.main(["run", "--epochs", "1", "--batch-size", "64", "--runs-dir", str(runs), "--name", "r",
                        "--no-progress", "--threads", "2"])

@@ -62,7 +62,7 @@ def weights_sha256(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def versions() -> dict:
-    from . import __version__
+    from .version import __version__
 
     return {"cifarlab": __version__, "torch": torch.__version__, "python": platform.python_version()}
 

@@ -15,7 +15,7 @@ class CifarlabError(Exception):
 
 
 class DataError(CifarlabError):
-    """The dataset is missing, damaged or not CIFAR-10."""
+    """The dataset is missing, damaged or not what it claims to be."""
 
 
 class DeclarationError(CifarlabError):
@@ -32,3 +32,7 @@ class ImageError(CifarlabError):
 
 class TrainingError(CifarlabError):
     """Training cannot go on (e.g. the loss became NaN)."""
+
+
+class ReportError(CifarlabError):
+    """The report cannot be built (no run folder, no checkpoint, unreadable results)."""

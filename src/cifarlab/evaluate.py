@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .precision import autocast, resolve_precision
 from .transforms import Normalization
 
 TTA_LEVELS = {0: "no TTA", 1: "flip TTA", 2: "flip + translate TTA"}
@@ -31,8 +32,10 @@ def default_device() -> torch.device:
 @torch.inference_mode()
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, normalization: Normalization,
                    batch_size: int = 128, device: torch.device | str | None = None,
-                   tta: int = 0, channels_last: bool | None = None) -> torch.Tensor:
-    """Logits (float32, CPU) for uint8 images (N, 3, 32, 32), in eval mode, in batches.
+                   tta: int = 0, channels_last: bool | None = None, precision: str = "auto") -> torch.Tensor:
+    """Logits (float32, CPU) for uint8 images (N, C, H, W), in eval mode, in batches.
+
+    ``precision``: as in :mod:`cifarlab.precision` ("auto": bf16 on CUDA, fp32 on a CPU).
 
     ``tta`` (test-time augmentation): 0 none; 1 (or True) the mean of the logits of each image and its
     mirror; 2 airbench's: half that, half the mirror-averaged logits of the image shifted one pixel
@@ -41,6 +44,7 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, normalization: 
     (measured for the exercise and fast nets).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    context = autocast(device, resolve_precision(precision, device, training=False))
     was_training = model.training
     model.eval()
     if channels_last is None:
@@ -51,12 +55,12 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, normalization: 
             x = normalization(images[start:start + batch_size].to(device, non_blocking=True))
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with _autocast(device):
+            with context:
                 logits = _tta_logits(model, x, tta_level(tta))
             outputs.append(logits.cpu())
     finally:
         model.train(was_training)
-    return torch.cat(outputs) if outputs else torch.empty(0, 10)
+    return torch.cat(outputs) if outputs else torch.empty(0, _num_outputs(model))
 
 
 def _tta_logits(model: torch.nn.Module, x: torch.Tensor, level: int) -> torch.Tensor:
@@ -71,10 +75,9 @@ def _tta_logits(model: torch.nn.Module, x: torch.Tensor, level: int) -> torch.Te
     return 0.5 * mirrored + 0.25 * (shifted[0] + shifted[1])
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    return torch.autocast("cpu", enabled=False)
+def _num_outputs(model: torch.nn.Module) -> int:
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    return linears[-1].out_features if linears else 0
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int = 10) -> np.ndarray:
@@ -87,7 +90,7 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
 class Evaluation:
     classes: list[str]
     labels: np.ndarray          # (N,) true labels
-    logits: np.ndarray          # (N, 10)
+    logits: np.ndarray          # (N, number of classes)
     probabilities: np.ndarray = field(init=False)
     predictions: np.ndarray = field(init=False)
 
@@ -113,6 +116,15 @@ class Evaluation:
         cm = self.confusion
         return {c: float(cm[i, i] / max(cm[i].sum(), 1)) for i, c in enumerate(self.classes)}
 
+    def most_confused(self, k: int = 10) -> list[dict]:
+        """The k (true, predicted) pairs of different classes with the most images (fastai's most_confused)."""
+        cm = self.confusion.copy()
+        np.fill_diagonal(cm, 0)
+        flat = np.argsort(-cm, axis=None, kind="stable")[:k]
+        pairs = [np.unravel_index(i, cm.shape) for i in flat]
+        return [{"true": self.classes[t], "predicted": self.classes[p], "count": int(cm[t, p])}
+                for t, p in pairs if cm[t, p] > 0]
+
     def worst_mistakes(self, k: int = 16) -> np.ndarray:
         """Indices of the wrong predictions made with the highest confidence."""
         wrong = np.flatnonzero(self.predictions != self.labels)
@@ -128,6 +140,7 @@ class Evaluation:
             "classes": list(self.classes),
             "confusion_matrix": self.confusion.tolist(),
             "confusion_matrix_axes": "rows: true class, columns: predicted class",
+            "most_confused": self.most_confused(),
         }
 
 

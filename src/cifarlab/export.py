@@ -2,7 +2,7 @@
 
 The ONNX model's contract (also stored in the file's metadata and doc string):
 
-* input ``pixels``: float32, shape (N, 3, 32, 32), N dynamic; RGB, channels first (NCHW), raw 0..255
+* input ``pixels``: float32, shape (N, C, H, W) of the checkpoint's images (3x32x32 for CIFAR), N dynamic; RGB, channels first (NCHW), raw 0..255
   values exactly as in the image (not divided by 255, not normalized; the checkpoint's normalization is
   the first operation of the graph);
 * output ``logits``: float32 (N, num_classes);
@@ -10,7 +10,7 @@ The ONNX model's contract (also stored in the file's metadata and doc string):
 * metadata ``cifarlab.classes`` (JSON list, index = class id), ``cifarlab.normalization``,
   ``cifarlab.architecture``.
 
-Images of another size must first be brought to 32x32 as ``cifarlab.images.load_image`` does. The graph
+Images of another size must first be brought to that size as ``cifarlab.images.load_image`` does. The graph
 is the plain model in eval mode (dropout off, batchnorm running statistics); flip test-time augmentation
 is not part of it. The file is verified with onnxruntime (when installed) before it is written,
 atomically.
@@ -63,12 +63,19 @@ def _require_onnx():
     return onnx
 
 
+def input_shape(ckpt: Checkpoint) -> tuple[int, int, int]:
+    """(C, H, W) the checkpoint's model takes."""
+    from .models import input_shape as declared
+
+    return declared(ckpt.meta["architecture"])
+
+
 def onnx_bytes(ckpt: Checkpoint, opset: int = DEFAULT_OPSET) -> bytes:
     """The checkpoint's model as a serialized ONNX model (see the module docstring for its contract)."""
     onnx = _require_onnx()
     normalization = Normalization.from_dict(ckpt.meta["normalization"])
     wrapped = PixelsModel(ckpt.model.float().cpu().eval(), normalization).eval()
-    example = torch.full((1, 3, 32, 32), 127.0)
+    example = torch.full((1, *input_shape(ckpt)), 127.0)
     buffer = io.BytesIO()
     batch = {0: "batch"}
     kwargs = dict(input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), opset_version=opset,
@@ -89,18 +96,19 @@ def onnx_bytes(ckpt: Checkpoint, opset: int = DEFAULT_OPSET) -> bytes:
 
 
 def _describe(proto, ckpt: Checkpoint, normalization: Normalization) -> None:
-    from . import __version__
+    from .version import __version__
 
     arch = ckpt.meta["architecture"].get("name", "custom")
+    shape = ", ".join(map(str, input_shape(ckpt)))
     proto.producer_name, proto.producer_version = "cifarlab", __version__
     proto.graph.name = arch
-    proto.doc_string = (f"cifarlab {arch}: input '{INPUT_NAME}' float32 (N, 3, 32, 32) RGB NCHW raw 0..255 "
+    proto.doc_string = (f"cifarlab {arch}: input '{INPUT_NAME}' float32 (N, {shape}) RGB NCHW raw 0..255 "
                         f"pixels (normalization is inside); outputs 'logits' and 'probabilities' (N, "
                         f"{len(ckpt.meta['classes'])}); classes in metadata 'cifarlab.classes'.")
     meta = {"cifarlab.classes": json.dumps(list(ckpt.meta["classes"])),
             "cifarlab.normalization": json.dumps(normalization.to_dict()),
             "cifarlab.architecture": arch,
-            "cifarlab.input": f"{INPUT_NAME}: float32 (N, 3, 32, 32), RGB, 0..255",
+            "cifarlab.input": f"{INPUT_NAME}: float32 (N, {shape}), RGB, 0..255",
             "cifarlab.weights_sha256": str(ckpt.meta.get("weights_sha256", ""))}
     for key, value in meta.items():
         entry = proto.metadata_props.add()
@@ -120,7 +128,7 @@ def run_onnx(model: bytes | str | Path, pixels: np.ndarray) -> tuple[np.ndarray,
 
 
 def compare_with_torch(model: bytes | str | Path, ckpt: Checkpoint, images: torch.Tensor) -> dict:
-    """Run uint8 images (N, 3, 32, 32) through ONNX and PyTorch; max |logit diff| and prediction agreement."""
+    """Run uint8 images (N, C, H, W) through ONNX and PyTorch; max |logit diff| and prediction agreement."""
     normalization = Normalization.from_dict(ckpt.meta["normalization"])
     expected = predict_logits(ckpt.model, images, normalization).numpy()
     logits, _ = run_onnx(model, images.numpy().astype(np.float32))
@@ -134,7 +142,7 @@ def export_onnx(ckpt: Checkpoint, out: str | Path, opset: int = DEFAULT_OPSET, v
     report = {"path": str(out), "bytes": len(data), "opset": opset}
     if verify and _has_onnxruntime():
         # Random pixels exercise every input value range; 16 images take milliseconds.
-        images = torch.randint(0, 256, (16, 3, 32, 32), generator=torch.Generator().manual_seed(0),
+        images = torch.randint(0, 256, (16, *input_shape(ckpt)), generator=torch.Generator().manual_seed(0),
                                dtype=torch.uint8)
         check = compare_with_torch(data, ckpt, images)
         if not check["max_abs_logit_diff"] <= VERIFY_TOLERANCE:
@@ -157,32 +165,3 @@ def default_output(checkpoint: str | Path) -> Path:
     """Beside a .safetensors file (same name, .onnx), else ``model.onnx`` inside the run/checkpoint folder."""
     path = Path(checkpoint)
     return path.with_suffix(".onnx") if path.suffix == ".safetensors" else path / "model.onnx"
-
-
-def cmd_export(args) -> int:
-    ckpt = load_checkpoint(args.checkpoint)
-    out = Path(args.out) if args.out else default_output(args.checkpoint)
-    report = export_onnx(ckpt, out, opset=args.opset, verify=not args.no_verify)
-    verified = report.get("verified")
-    print(f"wrote {out} ({report['bytes'] / 1e6:.1f} MB, ONNX opset {report['opset']}); input '{INPUT_NAME}' "
-          f"float32 (N, 3, 32, 32) RGB 0..255, outputs 'logits' and 'probabilities'")
-    if verified:
-        print(f"checked in onnxruntime against PyTorch on {verified['images']} images: max |logit diff| "
-              f"{verified['max_abs_logit_diff']:.2g}, same predictions: {verified['same_predictions']}")
-    return 0
-
-
-def add_cli(sub) -> None:
-    from .cli import _bounded_int
-
-    p = sub.add_parser("export", help="export a checkpoint to ONNX (normalization included)",
-                       description="Export to ONNX. Input 'pixels': float32 (N, 3, 32, 32), RGB, raw 0..255 "
-                                   "(the checkpoint's normalization is inside the graph); outputs 'logits' and "
-                                   "'probabilities'; class names in the metadata 'cifarlab.classes'.")
-    p.add_argument("checkpoint", help="a run folder, a checkpoint folder or a .safetensors file")
-    p.add_argument("--format", choices=["onnx"], default="onnx", help="output format (default: onnx)")
-    p.add_argument("--out", help="output file (default: model.onnx in the run folder, or beside the file)")
-    p.add_argument("--opset", type=_bounded_int(13, 20), default=DEFAULT_OPSET,
-                   help=f"ONNX opset version (default: {DEFAULT_OPSET})")
-    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check against PyTorch")
-    p.set_defaults(func=cmd_export)

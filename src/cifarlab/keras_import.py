@@ -307,6 +307,7 @@ def _meta(model: Net, path: Path, layout: str, keras_version: str, layer_map: di
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return {
         "architecture": model.declaration, "classes": list(CIFAR10_CLASSES),
+        "dataset": {"name": "cifar10", "spec": "cifar10", "classes": list(CIFAR10_CLASSES), "image_shape": [3, 32, 32]},
         "normalization": Normalization.named("exercise").to_dict(),  # the exercise's x / 255 - 0.5
         "recipe": {"note": "imported from Keras weights; trained outside cifarlab (the exercise's recipe: "
                            "Adamax 5e-3 x 0.9 per epoch, batch 32, 10 epochs)", "tta": False, "seed": 0},
@@ -319,32 +320,3 @@ def _meta(model: Net, path: Path, layout: str, keras_version: str, layer_map: di
 
 # ---------------------------------------------------------------------------------------------------
 # CLI
-
-
-def cmd_import_keras(args) -> int:
-    weights = Path(args.weights)
-    out = Path(args.out) if args.out else Path("runs") / f"keras-{weights.name.split('.')[0] or 'model'}"
-    if (out / "final").exists() and not args.force:
-        raise CheckpointError(f"{out / 'final'} already exists; pass --force to replace it or choose another --out.")
-    model, meta = import_keras(weights, args.fc1_activation)
-    folder = save_checkpoint(out / "final", model, meta)
-    print(summary(model))
-    print(f"imported {len(meta['source']['layers'])} layers from {weights} ({meta['source']['layout']}): "
-          + ", ".join(f"{k} <- {v}" for k, v in meta["source"]["layers"].items()))
-    print(f"checkpoint: {folder}\nevaluate it with: cifarlab evaluate {out}")
-    return 0
-
-
-def add_cli(sub) -> None:
-    p = sub.add_parser("import-keras", help="turn the exercise's Keras weights (.h5) into a cifarlab checkpoint",
-                       description="Import weights saved by Keras 2 model.save_weights('weights.h5') or Keras 3 "
-                                   "model.save_weights('x.weights.h5') (or a .keras archive) for the exercise's "
-                                   "model. Read with h5py; TensorFlow is not needed.")
-    p.add_argument("weights", help="the .h5 / .weights.h5 / .keras file")
-    p.add_argument("--out", help="run folder to create (default: runs/keras-<file name>); the checkpoint goes "
-                                 "into OUT/final")
-    p.add_argument("--fc1-activation", choices=FC1_ACTIVATIONS, default="none",
-                   help="activation after fc1 in the Keras model: none (the exercise's reference model, "
-                        "default) or leaky_relu (LeakyReLU(0.1), as the built-in 'exercise' declaration)")
-    p.add_argument("--force", action="store_true", help="replace OUT/final if it exists")
-    p.set_defaults(func=cmd_import_keras)

@@ -6,9 +6,11 @@ A declaration is a small dict (JSON or TOML on disk)::
         {"type": "conv", "filters": 32}, {"type": "relu"}, {"type": "maxpool"},
         {"type": "flatten"}, {"type": "dense", "units": 10}]}
 
-Shapes are checked by arithmetic before any weight is allocated, so a declaration that does not fit
-(a hostile size, an unknown key, a last layer that is not 10 classes) fails with a message naming the
-layer. Checkpoints store the declaration, so a model rebuilds without running anyone's code.
+Shapes are checked by arithmetic before any weight is allocated, against the dataset's image shape
+(``input_shape``, default 3x32x32) and number of classes, so a declaration that does not fit (a hostile
+size, an unknown key, a last layer of the wrong width) fails with a message naming the layer. A dense
+layer's ``"units": "classes"`` means the dataset's number of classes (the built-in models' heads use it,
+so they adapt to CIFAR-100 or a photo folder). Checkpoints store the declaration, so a model rebuilds without running anyone's code.
 The network outputs logits; the softmax of the exercise's last layer is applied at prediction time.
 """
 from __future__ import annotations
@@ -51,7 +53,9 @@ LAYER_KEYS: dict[str, dict[str, tuple]] = {
     "flatten": {},
     "scale": {"factor": (_NUM, REQUIRED)},
 }
-TOP_KEYS = {"name", "layers", "init", "output", "description"}
+TOP_KEYS = {"name", "layers", "init", "output", "description", "input_shape"}
+MAX_IMAGE_SIDE = 1024
+CLASSES = "classes"  # a dense layer of as many units as the dataset has classes
 INITS = {
     "glorot": "Keras: Glorot-uniform kernels, zero biases",
     "torch": "PyTorch's defaults",
@@ -220,8 +224,21 @@ def _fmt_shape(shape) -> str:
     return str(tuple(shape))
 
 
-def validate(declaration: dict, num_classes: int = 10) -> dict:
-    """Check a declaration completely and return a normalized copy (defaults filled in, names set)."""
+def _check_input_shape(value) -> tuple[int, int, int]:
+    ok = isinstance(value, (list, tuple)) and len(value) == 3 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if not ok or not 1 <= value[0] <= 4 or not all(1 <= v <= MAX_IMAGE_SIDE for v in value[1:]):
+        raise DeclarationError(f"'input_shape' must be [channels 1..4, height, width 1..{MAX_IMAGE_SIDE}], not "
+                               f"{_short(value)}")
+    return tuple(value)
+
+
+def validate(declaration: dict, num_classes: int | None = None, input_shape=None) -> dict:
+    """Check a declaration completely and return a normalized copy (defaults filled in, names set).
+
+    ``input_shape`` (C, H, W) overrides the declaration's own (default 3x32x32); ``num_classes``, when
+    given, is what the last layer must output and what ``"units": "classes"`` stands for (10 when not
+    given)."""
     if not isinstance(declaration, dict):
         raise DeclarationError(f"a declaration must be an object with 'layers', not {type(declaration).__name__}")
     if not all(isinstance(k, str) for k in declaration):
@@ -241,10 +258,12 @@ def validate(declaration: dict, num_classes: int = 10) -> dict:
         value = declaration.get(key, "")
         if not isinstance(value, str) or len(value) > 1000:
             raise DeclarationError(f"'{key}' must be a string of at most 1000 characters, not {_short(value)}")
-    out = {"name": declaration.get("name", "custom"), "init": init, "layers": []}
+    shape = _check_input_shape(input_shape if input_shape is not None else
+                               declaration.get("input_shape", INPUT_SHAPE))
+    out = {"name": declaration.get("name", "custom"), "init": init, "input_shape": list(shape), "layers": []}
     if "description" in declaration:
         out["description"] = declaration["description"]
-    shape, total, counters, names = INPUT_SHAPE, 0, {}, set()
+    total, counters, names = 0, {}, set()
     for i, raw in enumerate(layers):
         if not isinstance(raw, dict):
             raise DeclarationError(f"layer {i}: must be an object like {{'type': 'conv', ...}}, not {_short(raw)}")
@@ -267,6 +286,8 @@ def validate(declaration: dict, num_classes: int = 10) -> dict:
         for key, (types, default) in spec.items():
             if key in raw:
                 value = raw[key]
+                if key == "units" and value == CLASSES:
+                    value = num_classes or 10
             elif default is REQUIRED:
                 raise DeclarationError(f"layer {i} {name!r} ({t}): missing required key '{key}'")
             else:
@@ -287,10 +308,12 @@ def validate(declaration: dict, num_classes: int = 10) -> dict:
             raise DeclarationError(f"layer {i} {name!r}: the model would exceed {MAX_PARAMS:,} parameters")
         shape = new_shape
         out["layers"].append(layer)
-    if shape != (num_classes,):
+    expected = (num_classes,) if num_classes else None
+    if (expected and shape != expected) or len(shape) != 1 or shape[0] < 2:
+        n = num_classes or "N"
         raise DeclarationError(f"the last layer {out['layers'][-1]['name']!r} outputs {_fmt_shape(shape)}; "
-                               f"expected ({num_classes},) for {num_classes} classes (end with a dense layer "
-                               f"of {num_classes} units)")
+                               f"expected ({n},) for {n} classes (end with a dense layer of {n} units, or "
+                               f"\"units\": \"classes\")")
     return out
 
 
@@ -324,8 +347,13 @@ class Net(nn.Sequential):
                 x = layer(x)
 
 
+def input_shape(decl: dict) -> tuple[int, int, int]:
+    """(C, H, W) a validated declaration takes (declarations stored before this key: 3x32x32)."""
+    return tuple(decl.get("input_shape", INPUT_SHAPE))
+
+
 def _input_shapes(decl: dict) -> list[tuple]:
-    shapes, shape = [], INPUT_SHAPE
+    shapes, shape = [], input_shape(decl)
     for layer in decl["layers"]:
         shapes.append(shape)
         shape, _ = _layer_params(dict(layer), shape)
@@ -388,7 +416,7 @@ def identity_init_(model: nn.Module) -> None:
 # Summary
 
 
-def summary(model_or_decl, num_classes: int = 10) -> str:
+def summary(model_or_decl, num_classes: int | None = None) -> str:
     """A Keras-style table: layer (type), output shape (N, C, H, W), parameter count, totals."""
     if isinstance(model_or_decl, Net):
         decl = model_or_decl.declaration
@@ -396,7 +424,7 @@ def summary(model_or_decl, num_classes: int = 10) -> str:
     else:
         decl = validate(model_or_decl, num_classes)
         trainable = None
-    rows, shape, total, frozen = [], INPUT_SHAPE, 0, 0
+    rows, shape, total, frozen = [], input_shape(decl), 0, 0
     for layer in decl["layers"]:
         shape, params = _layer_params(dict(layer), shape)
         total += params
@@ -405,12 +433,12 @@ def summary(model_or_decl, num_classes: int = 10) -> str:
         elif layer["type"] == "batchnorm" and not layer["scale"]:
             frozen += params // 2
         rows.append((f"{layer['name']} ({layer['type']})", "(None, " + ", ".join(map(str, shape)) + ")", params))
-    rows.append(("softmax (at prediction)", f"(None, {num_classes})", 0))
+    rows.append(("softmax (at prediction)", f"(None, {shape[0]})", 0))
     if trainable is None:
         trainable = total - frozen
     width = (34, 24, 12)
     line = "_" * sum(width)
-    out = [f'Model: "{decl["name"]}"  (shapes are N, C, H, W)', line,
+    out = [f'Model: "{decl["name"]}"  (input {"x".join(map(str, input_shape(decl)))}; shapes are N, C, H, W)', line,
            f"{'Layer (type)':<{width[0]}}{'Output Shape':<{width[1]}}{'Param #':>{width[2]}}", "=" * sum(width)]
     for i, (name, shp, params) in enumerate(rows):
         out.append(f"{name:<{width[0]}}{shp:<{width[1]}}{params:>{width[2]},}")
@@ -422,7 +450,7 @@ def summary(model_or_decl, num_classes: int = 10) -> str:
 
 def count_parameters(decl: dict) -> int:
     decl = validate(decl)
-    shape, total = INPUT_SHAPE, 0
+    shape, total = input_shape(decl), 0
     for layer in decl["layers"]:
         shape, params = _layer_params(dict(layer), shape)
         total += params
@@ -451,7 +479,7 @@ def _exercise() -> dict:
             {"type": "dense", "name": "fc1", "units": 256},
             {"type": "leaky_relu", "name": "leaky_re_lu_5", "slope": 0.1},
             {"type": "dropout", "name": "dropout_3", "rate": 0.5},
-            {"type": "dense", "name": "dense_1", "units": 10},
+            {"type": "dense", "name": "dense_1", "units": CLASSES},
         ],
     }
 
@@ -472,7 +500,7 @@ def airbench_like(widths=(64, 256, 256), name="airbench94", scale=1 / 9, init="t
             {"type": "gelu", "name": f"g{g}_gelu2"},
         ]
     layers += [{"type": "global_maxpool", "name": "pool"},
-               {"type": "dense", "name": "head", "units": 10, "bias": False},
+               {"type": "dense", "name": "head", "units": CLASSES, "bias": False},
                {"type": "scale", "name": "logit_scale", "factor": scale}]
     return {"name": name, "init": init, "layers": layers,
             "description": f"airbench-style net, conv groups of widths {list(widths)}"}
@@ -486,11 +514,13 @@ MODELS: dict[str, dict] = {
 
 
 def register_model(name: str, declaration: dict) -> None:
-    """Add a declaration to the registry (validated now, so errors surface at registration)."""
-    MODELS[name] = validate(declaration)
+    """Add a declaration to the registry (validated now, so errors surface at registration; stored as
+    given, so ``"units": "classes"`` still adapts to each dataset)."""
+    validate(declaration)
+    MODELS[name] = copy.deepcopy(declaration)
 
 
-def load_declaration_file(path: str | Path) -> dict:
+def load_declaration_file(path: str | Path, num_classes: int | None = None, input_shape=None) -> dict:
     path = Path(path)
     try:
         if not path.is_file():  # also keeps a FIFO named x.json from hanging the read
@@ -509,22 +539,23 @@ def load_declaration_file(path: str | Path) -> dict:
     except RecursionError:
         raise DeclarationError(f"{path}: nested too deeply to be a declaration") from None
     try:
-        return validate(data)
+        return validate(data, num_classes, input_shape)
     except DeclarationError as e:
         raise DeclarationError(f"{path}: {e}") from None
 
 
-def get_declaration(name_or_path: str | dict) -> dict:
-    """A registered name, a .json/.toml file, or a declaration dict -> a validated declaration."""
+def get_declaration(name_or_path: str | dict, num_classes: int | None = None, input_shape=None) -> dict:
+    """A registered name, a .json/.toml file, or a declaration dict -> a validated declaration for
+    ``num_classes`` classes and images of ``input_shape`` (C, H, W); defaults: 10 and 3x32x32."""
     if isinstance(name_or_path, dict):
-        return validate(name_or_path)
+        return validate(name_or_path, num_classes, input_shape)
     if name_or_path in MODELS:
-        return validate(copy.deepcopy(MODELS[name_or_path]))
+        return validate(copy.deepcopy(MODELS[name_or_path]), num_classes, input_shape)
     if str(name_or_path).endswith((".json", ".toml")):
-        return load_declaration_file(name_or_path)
+        return load_declaration_file(name_or_path, num_classes, input_shape)
     raise DeclarationError(f"unknown model {name_or_path!r}: use one of {', '.join(MODELS)} or a .json/.toml "
                            f"declaration file")
 
 
-def build_model(name_or_decl: str | dict) -> Net:
-    return Net(get_declaration(name_or_decl))
+def build_model(name_or_decl: str | dict, num_classes: int | None = None, input_shape=None) -> Net:
+    return Net(get_declaration(name_or_decl, num_classes, input_shape))

@@ -10,14 +10,14 @@ import numpy as np
 
 from . import plots
 from .checkpoints import Checkpoint
-from .data import CIFAR10
+from .data import Dataset
 from .errors import CheckpointError
 from .evaluate import TTA_LEVELS, Evaluation, checkpoint_tta, evaluate_model, tta_level
 from .fsutil import atomic_write_json
 from .transforms import Normalization
 
 
-def check_compatible(ckpt: Checkpoint, data: CIFAR10, model_name: str | None = None) -> None:
+def check_compatible(ckpt: Checkpoint, data: Dataset, model_name: str | None = None) -> None:
     """A checkpoint must predict the dataset's classes (and be the architecture asked for, if any)."""
     classes = ckpt.meta.get("classes")
     if classes != list(data.classes):
@@ -27,7 +27,7 @@ def check_compatible(ckpt: Checkpoint, data: CIFAR10, model_name: str | None = N
         raise CheckpointError(f"{ckpt.path}: holds architecture {name!r}, not the {model_name!r} asked for.")
 
 
-def evaluate_to_folder(ckpt: Checkpoint, data: CIFAR10, out_dir: str | Path, seed: int = 0,
+def evaluate_to_folder(ckpt: Checkpoint, data: Dataset, out_dir: str | Path, seed: int = 0,
                        gallery_size: int = 16, tta: int | None = None, device=None) -> tuple[Evaluation, dict]:
     """Test-set evaluation: results.json, confusion matrix (PNG + counts), per-class accuracy, galleries."""
     out_dir = Path(out_dir)

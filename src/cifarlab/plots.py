@@ -52,30 +52,55 @@ def training_curves(history: list[dict], path: str | Path, val_source: str = "va
     return save_figure(fig, path)
 
 
+# Above this many classes a confusion matrix is a heat map without per-cell numbers (the most-confused
+# pairs are listed beside it), and per-class accuracy is a sorted curve instead of labelled bars.
+MAX_ANNOTATED_CLASSES = 20
+
+
 def confusion_matrix_plot(cm: np.ndarray, classes: list[str], path: str | Path) -> Path:
-    fig, ax = pyplot().subplots(figsize=(8, 7))
-    im = ax.imshow(cm, cmap="Blues")
-    ax.set_title("Confusion matrix (rows: true, columns: predicted)", fontsize=13)
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
-    threshold = cm.max() / 2
-    for i in range(cm.shape[0]):
-        for j in range(cm.shape[1]):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
-                    color="white" if cm[i, j] > threshold else "black")
+    n = len(classes)
+    many = n > MAX_ANNOTATED_CLASSES
+    fig, ax = pyplot().subplots(figsize=(11, 10) if many else (8, 7))
+    # Many classes: rows normalized to recall, so each row's colours read the same whatever its count.
+    shown = cm / np.maximum(cm.sum(1, keepdims=True), 1) if many else cm
+    im = ax.imshow(shown, cmap="Blues", interpolation="nearest")
+    ax.set_title("Confusion matrix (rows: true, columns: predicted" + (", row-normalized)" if many else ")"),
+                 fontsize=13)
+    if many:
+        step = max(1, n // 50)
+        ticks = range(0, n, step)
+        ax.set_xticks(ticks, [classes[i] for i in ticks], rotation=90, fontsize=6)
+        ax.set_yticks(ticks, [classes[i] for i in ticks], fontsize=6)
+    else:
+        ax.set_xticks(range(n), classes, rotation=45, ha="right")
+        ax.set_yticks(range(n), classes)
+        threshold = cm.max() / 2
+        for i in range(cm.shape[0]):
+            for j in range(cm.shape[1]):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if cm[i, j] > threshold else "black")
     fig.colorbar(im, ax=ax, fraction=0.046)
     return save_figure(fig, path)
 
 
 def per_class_accuracy_plot(per_class: dict[str, float], path: str | Path) -> Path:
-    fig, ax = pyplot().subplots(figsize=(8, 4))
     names, values = list(per_class), [100 * v for v in per_class.values()]
-    bars = ax.bar(names, values, color="tab:blue")
-    ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    if len(names) > MAX_ANNOTATED_CLASSES:  # sorted, best first: the spread and the worst classes at a glance
+        order = np.argsort(values, kind="stable")[::-1]
+        names, values = [names[i] for i in order], [values[i] for i in order]
+        fig, ax = pyplot().subplots(figsize=(max(8, 0.14 * len(names)), 4.5))
+        ax.bar(range(len(names)), values, color="tab:blue", width=0.9)
+        step = max(1, len(names) // 60)
+        ax.set_xticks(range(0, len(names), step), names[::step], rotation=90, fontsize=6)
+        ax.set_title("Per-class test accuracy, sorted")
+    else:
+        fig, ax = pyplot().subplots(figsize=(8, 4))
+        bars = ax.bar(names, values, color="tab:blue")
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        ax.tick_params(axis="x", rotation=45)
+        ax.set_title("Per-class test accuracy")
     ax.set_ylim(0, 105)
     ax.set_ylabel("accuracy (%)")
-    ax.set_title("Per-class test accuracy")
-    ax.tick_params(axis="x", rotation=45)
     return save_figure(fig, path)
 
 

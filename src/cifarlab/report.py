@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from . import plots
-from .errors import CifarlabError
+from .errors import ReportError
 from .evaluate import TTA_LEVELS, tta_level
 from .fsutil import atomic_write_text
 from .models import summary
@@ -35,9 +35,6 @@ SECTIONS = [
 EVAL_PNGS = ("confusion_matrix.png", "per_class_accuracy.png", "gallery.png", "worst_mistakes.png")
 
 
-class ReportError(CifarlabError):
-    """The report cannot be built (no run folder, no checkpoint, unreadable results)."""
-
 
 # ---------------------------------------------------------------------------------------------------
 # Gathering the inputs
@@ -51,10 +48,11 @@ def _load_inputs(run_dir: Path, ckpt, data, log):
 
         ckpt = load_checkpoint(run_dir)
     if data is None:
-        from .data import load_cifar10
+        from .data import load_dataset
 
-        log("loading CIFAR-10 for the report")
-        data = load_cifar10(download=False, progress=False)
+        spec = (ckpt.meta.get("dataset") or {}).get("spec", "cifar10")
+        log(f"loading {spec} for the report")
+        data = load_dataset(spec, download=False, progress=False)
     return ckpt, data
 
 
@@ -182,15 +180,22 @@ def _numbers_sections(run_dir: Path, ckpt, results: dict, curves) -> list[str]:
     """Overview, final numbers, curves, confusion matrix, per-class accuracy, gallery, mistakes."""
     eval_dir = run_dir / "eval"
     val_source = ckpt.meta.get("val_source", "validation set")
+    dataset = ckpt.meta.get("dataset") or {"spec": "cifar10"}
+    shape = "x".join(map(str, dataset.get("image_shape", [3, 32, 32])))
     overview = _table(None, [
         ["run folder", str(run_dir)], ["checkpoint", str(ckpt.path)],
         ["architecture", ckpt.meta.get("architecture", {}).get("name", "?")],
+        ["data", f"{dataset.get('spec', '?')}: {len(results['classes'])} classes, images {shape}, "
+                 f"{dataset.get('train_images', '?')} training images"],
         ["validation during training", val_source],
         ["versions", ", ".join(f"{k} {v}" for k, v in ckpt.meta.get("versions", {}).items())]], 2)
     numbers = _table(["metric", "value"], [
         ["test accuracy", _pct(results["accuracy"])], ["test loss (cross-entropy)", f"{results['loss']:.4f}"],
         ["test images", f"{results['num_images']:,}"], ["test-time augmentation", TTA_LEVELS[tta_level(results.get("tta"))]]])
-    per_class = [[c, _pct(results["per_class_accuracy"][c])] for c in results["classes"]]
+    # Sorted worst first: with 100 classes the table is read from the top for what fails.
+    per_class = [[c, _pct(results["per_class_accuracy"][c])] for c in
+                 sorted(results["classes"], key=lambda c: results["per_class_accuracy"][c])]
+    confused = [[p["true"], p["predicted"], p["count"]] for p in results.get("most_confused", [])]
     mistakes = [[m["index"], m["true"], m["predicted"], f"{m['score']:.3f}"]
                 for m in results.get("worst_mistakes", [])]
     return [
@@ -198,9 +203,11 @@ def _numbers_sections(run_dir: Path, ckpt, results: dict, curves) -> list[str]:
         _section("results", numbers),
         _section("curves", _img(curves, "training curves"),
                  f"Loss and accuracy per epoch; validation on the {_esc(val_source)}."),
-        _section("confusion", _img(eval_dir / "confusion_matrix.png", "confusion matrix")),
+        _section("confusion", _img(eval_dir / "confusion_matrix.png", "confusion matrix")
+                 + ("<h3>Most confused pairs</h3>" + _table(["true", "predicted as", "test images"], confused, 2)
+                    if confused else "")),
         _section("per-class", _img(eval_dir / "per_class_accuracy.png", "per-class accuracy")
-                 + _table(["class", "test accuracy"], per_class)),
+                 + _table(["class (worst first)", "test accuracy"], per_class)),
         _section("gallery", _img(eval_dir / "gallery.png", "random test predictions"),
                  "Random test images with the predicted class, its probability and the true class."),
         _section("mistakes", _img(eval_dir / "worst_mistakes.png", "most confident mistakes")
@@ -286,32 +293,3 @@ def build_report(run_dir, ckpt=None, data=None, log=print, *, settings=None, see
     path = run_dir / "report.html"
     atomic_write_text(path, _html(run_dir, ckpt, results, curves, vis))
     return path
-
-
-def add_cli(sub) -> None:
-    from .cli import _add_data_args, _bounded_int
-
-    p = sub.add_parser("report", help="write RUN/report.html: numbers, plots and visualizations on one page")
-    p.add_argument("run", metavar="RUN", help="a run folder (with final/ or checkpoints/)")
-    p.add_argument("--method", choices=["default", "exercise"], default="default",
-                   help="stimulus method for the layer stimuli (class stimuli show both)")
-    p.add_argument("--fft", action="store_true", help="default method: Fourier parameterization")
-    p.add_argument("--seed", type=_bounded_int(0, 2 ** 63 - 1), help="stimulus seed (default: the recipe's)")
-    p.add_argument("--images", type=_bounded_int(0, 10 ** 9), nargs="+", metavar="IDX",
-                   help="test images for activation maps, saliency and Grad-CAM")
-    _add_data_args(p)
-    p.set_defaults(func=cmd_report)
-
-
-def cmd_report(args) -> int:
-    from .cli import _load_data
-    from .visualize import StimulusSettings
-
-    run_dir = Path(args.run)
-    if not run_dir.is_dir():
-        raise ReportError(f"{run_dir}: not a run folder")
-    data = _load_data(args)
-    settings = StimulusSettings.for_method(args.method, fft=args.fft or None)
-    path = build_report(run_dir, data=data, settings=settings, seed=args.seed, images=args.images)
-    print(f"report: {path}")
-    return 0

@@ -19,119 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoints as ckpts
-from .data import CIFAR10, holdout_split
+from .data import Dataset, holdout_split
 from .errors import CheckpointError, TrainingError
 from .evaluate import default_device, predict_logits
 from .fsutil import atomic_write_json, atomic_write_text
 from .models import Net, Whiten, get_declaration
+from .precision import autocast, resolve_precision  # noqa: F401 (resolve_precision re-exported)
+from .recipes import PRESETS, Recipe, recipe_from, saved_recipe  # noqa: F401 (re-exported)
 from .transforms import Augment, Normalization, alternating_flips
-
-
-@dataclass
-class Recipe:
-    """Everything that decides what a run learns. Defaults are the exercise's recipe."""
-
-    model: str = "exercise"
-    epochs: int = 10
-    batch_size: int = 32
-    optimizer: str = "adamax"        # adamax | adam | adamw | sgd
-    lr: float = 5e-3
-    schedule: str = "exp"            # exp: lr * lr_decay**epoch | onecycle | linear | constant
-    lr_decay: float = 0.9
-    warmup: float = 0.0              # fraction of all steps, for onecycle / linear
-    lr_start: float = 0.0            # onecycle / linear: the lr at step 0 and after the last step,
-    lr_end: float = 0.0              # as fractions of the peak lr
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    decay_all: bool = False          # sgd: weight decay on biases and BatchNorm too (default: weights only)
-    bn_lr_scale: float = 1.0         # sgd: lr multiplier for BatchNorm parameters (their decay is divided by it)
-    lookahead: int = 0               # every N steps pull the weights toward a slow copy (airbench; 0: off)
-    whiten_bias_epochs: int = 0      # train the whitening layer's bias for this many first epochs
-    label_smoothing: float = 0.0
-    normalization: str = "exercise"  # exercise: x/255 - 0.5 | standard: per-channel mean/std
-    flip: bool = False
-    alt_flip: bool = False           # with flip: mirror a fixed half in even epochs, the other half in odd ones
-    translate: int = 0
-    translate_pad: str = "zeros"     # zeros | reflect
-    cutout: int = 0
-    tta: int = 0                     # test-time augmentation when evaluating: 0 none, 1 flip, 2 flip + translate
-    seed: int = 0
-    val_split: int = 0               # hold out this many training images for validation (0: use test)
-
-    def __post_init__(self):
-        if isinstance(self.tta, bool):  # older recipes stored a bool: True means level 1 (flip)
-            self.tta = int(self.tta)
-
-    def validate(self) -> "Recipe":
-        checks = [
-            (self.epochs >= 1 and self.epochs <= 10_000, "epochs must be 1..10000"),
-            (1 <= self.batch_size <= 65_536, "batch size must be 1..65536"),
-            (self.optimizer in ("adamax", "adam", "adamw", "sgd"), "optimizer must be adamax, adam, adamw or sgd"),
-            (math.isfinite(self.lr) and 0 < self.lr <= 100, "lr must be > 0 and <= 100"),
-            (self.schedule in ("exp", "onecycle", "linear", "constant"),
-             "schedule must be exp, onecycle, linear or constant"),
-            (0 < self.lr_decay <= 1, "lr decay must be in (0, 1]"),
-            (0 <= self.warmup < 1, "warmup must be in [0, 1)"),
-            (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
-            (0 <= self.weight_decay < 1, "weight decay must be in [0, 1)"),
-            (0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
-            (0 <= self.lr_start <= 1 and 0 <= self.lr_end <= 1,
-             "lr start and end must be in [0, 1] (fractions of the peak)"),
-            (math.isfinite(self.bn_lr_scale) and 0 < self.bn_lr_scale <= 1000, "bn lr scale must be in (0, 1000]"),
-            (0 <= self.lookahead <= 10_000, "lookahead must be 0..10000 steps"),
-            (0 <= self.whiten_bias_epochs <= 10_000, "whiten bias epochs must be 0..10000"),
-            (self.translate_pad in ("zeros", "reflect"), "translate pad must be zeros or reflect"),
-            (self.tta in (0, 1, 2), "tta must be 0 (none), 1 (flip) or 2 (flip + translate)"),
-            (self.normalization in ("exercise", "standard"), "normalization must be exercise or standard"),
-            (0 <= self.translate <= 16 and 0 <= self.cutout <= 32, "translate must be 0..16, cutout 0..32"),
-            (0 <= self.val_split < 50_000, "val split must be 0..49999"),
-            (0 <= self.seed < 2 ** 63, "seed must be a non-negative 64-bit integer"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-        decl = get_declaration(self.model)  # fails early for an unknown or broken model
-        if self.optimizer != "sgd" and (self.decay_all or self.bn_lr_scale != 1.0):
-            raise ValueError("decay_all and bn_lr_scale apply to the sgd optimizer only")
-        if self.whiten_bias_epochs and not any(layer["type"] == "whiten" for layer in decl["layers"]):
-            raise ValueError(f"whiten_bias_epochs needs a model with a whitening layer; {decl['name']!r} has none")
-        return self
-
-
-# airbench-style small net for a 2-core CPU; tuned with --val-split 5000 (never on the test set).
-# 3 epochs: about 84% on the held-out split in under a minute of training on 2 cores (bench/).
-_FAST = Recipe(model="fast", epochs=3, batch_size=256, optimizer="sgd", lr=0.2, schedule="onecycle", warmup=0.15,
-               momentum=0.85, nesterov=True, weight_decay=5e-4, label_smoothing=0.2, normalization="standard",
-               flip=True, translate=2, tta=1)
-
-PRESETS: dict[str, Recipe] = {
-    # The exercise: Adamax 5e-3 x 0.9 per epoch, batch 32, 10 epochs, no augmentation.
-    "exercise": Recipe(),
-    "fast": _FAST,
-    # The same net and recipe, trained longer: about 90% in a few minutes on 2 cores (bench/).
-    "fast-long": replace(_FAST, epochs=24),
-    # airbench94 (Keller Jordan) for GPUs: its net and its recipe, 10 epochs instead of 9.9. Its
-    # hyperparameters are per summed loss (lr 11.5 and decay 0.0153 per 1024 images, scaled by
-    # 1 / (1024 (1 + 1 / (1 - momentum)))); ours is a mean loss, so lr = 11.5 / (1 + 1 / 0.15) = 1.49987 and
-    # decay = 0.0153 / 11.5 (the same step). BatchNorm biases: 64x the lr, the same decay per step.
-    # (The 3-seed measurement in bench/results used lr 1.49984, from a rounded constant.)
-    "airbench94": Recipe(model="airbench94", epochs=10, batch_size=1024, optimizer="sgd", lr=11.5 / (1 + 1 / 0.15),
-                         schedule="onecycle", warmup=0.23, lr_start=0.2, lr_end=0.07, momentum=0.85,
-                         nesterov=True, weight_decay=0.0153 / 11.5, decay_all=True, bn_lr_scale=64.0,
-                         lookahead=5, whiten_bias_epochs=3, label_smoothing=0.2, normalization="standard",
-                         flip=True, alt_flip=True, translate=2, translate_pad="reflect", tta=2),
-}
-
-
-def recipe_from(preset: str = "exercise", **overrides) -> Recipe:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
-    names = {f.name for f in fields(Recipe)}
-    unknown = set(overrides) - names
-    if unknown:
-        raise ValueError(f"unknown recipe field(s) {sorted(unknown)}")
-    return replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}).validate()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -339,7 +234,7 @@ class Lookahead:
             self.slow[k].copy_(tensors[self.PREFIX + k])
 
 
-def train(recipe: Recipe, data: CIFAR10, run_dir: str | Path, device: str | torch.device | None = None,
+def train(recipe: Recipe, data: Dataset, run_dir: str | Path, device: str | torch.device | None = None,
           resume: bool = False, checkpoint_every: int = 0, keep_checkpoints: int = 2, progress: bool = True,
           compile: bool = False, channels_last: bool | None = None, log=print, max_steps: int | None = None,
           tensorboard: bool = False, precision: str = "auto") -> TrainResult:
@@ -369,18 +264,19 @@ def train(recipe: Recipe, data: CIFAR10, run_dir: str | Path, device: str | torc
 class _Run:
     """One call of train(): model, optimizer and data on the device, and where the loop stands."""
 
-    def __init__(self, recipe: Recipe, data: CIFAR10, run_dir: Path, device: torch.device, channels_last: bool,
+    def __init__(self, recipe: Recipe, data: Dataset, run_dir: Path, device: torch.device, channels_last: bool,
                  precision: str, keep_checkpoints: int, log):
         self.recipe, self.data, self.run_dir, self.device, self.log = recipe, data, run_dir, device, log
         self.channels_last, self.precision, self.keep_checkpoints = channels_last, precision, keep_checkpoints
         self.dist = dist_info()
-        self.normalization = Normalization.named(recipe.normalization)
         self.augment = Augment(recipe.flip, recipe.translate, recipe.cutout, recipe.translate_pad)
         self.train_split, self.val_split = data.train, data.test
         self.val_source = "test set (as in the exercise)"
         if recipe.val_split:
             self.train_split, self.val_split = holdout_split(data.train, recipe.val_split, seed=recipe.seed)
             self.val_source = f"{recipe.val_split} images held out from the training set"
+        # "standard": the mean and std of the images this run trains on, whatever the dataset.
+        self.normalization = Normalization.for_training(recipe.normalization, self.train_split.images)
         self.n = len(self.train_split)
         self.spe = steps_per_epoch(self.n, recipe.batch_size, self.dist.world)
         if self.spe == 0:
@@ -395,12 +291,12 @@ class _Run:
         self.lookahead = Lookahead(self.model, recipe.lookahead, recipe.epochs * self.spe) if recipe.lookahead else None
         self.images = self.train_split.images.to(device)
         self.labels = self.train_split.labels.to(device)
-        self.autocast = _train_autocast(device, precision)
+        self.autocast = autocast(device, precision)
         self.history: list[dict] = []
         self.start_epoch, self.start_step, self.partial = 0, 0, {}
         self.writer = None
         self.base_meta = {
-            "architecture": self.model.declaration, "classes": list(data.classes),
+            "architecture": self.model.declaration, "classes": list(data.classes), "dataset": data.describe(),
             "normalization": self.normalization.to_dict(), "recipe": asdict(recipe), "seed": recipe.seed,
             "val_source": self.val_source, "world_size": self.dist.world, "precision": precision,
         }
@@ -410,7 +306,7 @@ class _Run:
     def _build_model(self) -> Net:
         recipe = self.recipe
         torch.manual_seed(recipe.seed)
-        model = Net(get_declaration(recipe.model))
+        model = Net(get_declaration(recipe.model, self.data.num_classes, self.data.image_shape))
         if any(layer["type"] == "whiten" for layer in model.declaration["layers"]):
             sample = self.train_split.images[epoch_order(recipe.seed, -1, self.n)[:5000]]
             model.init_from_data(self.normalization(sample))
@@ -426,6 +322,9 @@ class _Run:
         if ckpt is None:
             return
         self.model.load_state_dict(ckpt.model.state_dict())
+        if "normalization" in ckpt.meta:  # exactly the statistics the run started with
+            self.normalization = Normalization.from_dict(ckpt.meta["normalization"])
+            self.base_meta["normalization"] = self.normalization.to_dict()
         if self.lookahead is not None:
             self.lookahead.restore({k: ckpt.optimizer_tensors.pop(k) for k in list(ckpt.optimizer_tensors)
                                     if k.startswith(Lookahead.PREFIX)})
@@ -454,6 +353,8 @@ class _Run:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 atomic_write_json(self.run_dir / "recipe.json", asdict(self.recipe))
+                # The data this run learns from; for a photo folder, also which file is in which split.
+                atomic_write_json(self.run_dir / "dataset.json", dict(self.data.describe(), files=self.data.files))
             except OSError as e:
                 raise TrainingError(f"{self.run_dir}: cannot create or write the run folder "
                                     f"({e.strerror or e}).") from None
@@ -608,7 +509,8 @@ class _Run:
             # last epoch the recipe's own level (so the final row is the final model's accuracy).
             tta = recipe.tta if epoch + 1 == recipe.epochs else min(recipe.tta, 1)
             val_logits = predict_logits(self.model, self.val_split.images, self.normalization, device=self.device,
-                                        tta=tta, channels_last=self.channels_last)
+                                        tta=tta, channels_last=self.channels_last,
+                                        precision=resolve_precision("auto", self.device, training=False))
             row["val_loss"] = float(F.cross_entropy(val_logits, self.val_split.labels))
             row["val_acc"] = float((val_logits.argmax(1) == self.val_split.labels).float().mean())
             self.log(f"  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | val loss "
@@ -662,15 +564,6 @@ def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int) -> None:
                             f"(--resume keeps the recipe).")
 
 
-def saved_recipe(saved: dict) -> dict:
-    """A recipe as stored by any version, completed: fields added since then take their defaults (which
-    reproduce the old behaviour) and a boolean tta becomes its level, so older runs still resume."""
-    if not saved:
-        return {}
-    names = {f.name for f in fields(Recipe)}
-    return asdict(Recipe(**{k: v for k, v in saved.items() if k in names}))
-
-
 def _try_resume(run_dir: Path, recipe: Recipe, log):
     if not ckpts.checkpoint_dirs(run_dir):
         log(f"no checkpoint in {run_dir}; starting from scratch")
@@ -692,31 +585,14 @@ def _try_resume(run_dir: Path, recipe: Recipe, log):
 
 
 def _bar(total: int, initial: int, desc: str, enabled: bool):
-    if not enabled:
+    import sys
+
+    # In a log file (stderr not a terminal) a bar is hundreds of \r frames: the per-epoch lines say it all.
+    if not enabled or not sys.stderr.isatty():
         return None
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision must be auto, fp32 or bf16, not {precision!r}")
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16"
-    if device.type == "cpu":
-        # Native bf16 dot products (AVX512-BF16, AMX) run the convolutions ~2x faster than fp32 (bench/);
-        # without them oneDNN emulates bf16 and fp32 is the faster choice.
-        caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-        return "bf16" if caps.get("avx512_bf16") or caps.get("amx_bf16") else "fp32"
-    return "fp32"
-
-
-def _train_autocast(device: torch.device, precision: str):
-    # bf16 autocast needs no gradient scaler: weights, optimizer and loss stay fp32.
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def _maybe_compile(model, log):

@@ -1,6 +1,6 @@
 """Batch-level tensor transforms: normalization and augmentation, no per-image Python.
 
-Inputs are uint8 (N, 3, 32, 32) batches taken from the in-memory dataset by indexing.
+Inputs are uint8 (N, C, H, W) batches taken from the in-memory dataset by indexing.
 """
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import CIFAR10_MEAN, CIFAR10_STD
+# CIFAR-10's training-set statistics serve ``Normalization.named("standard")`` without data; training
+# computes them from its own training images (:meth:`Normalization.of_images`).
+from .data.cifar10 import CIFAR10_MEAN, CIFAR10_STD
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,27 @@ class Normalization:
         raise ValueError(f"unknown normalization {name!r}: use 'exercise' or 'standard'")
 
     @classmethod
+    def for_training(cls, name: str, images: torch.Tensor) -> "Normalization":
+        """The recipe's normalization; "standard" uses the mean and std of ``images`` (the training set)."""
+        return cls.of_images(images) if name == "standard" else cls.named(name)
+
+    @classmethod
+    def of_images(cls, images: torch.Tensor, chunk: int = 4096) -> "Normalization":
+        """Per-channel mean and std (0..1 units) of uint8 images (N, C, H, W), in chunks: exact integer sums,
+        no float copy of the whole set."""
+        total = torch.zeros(images.shape[1], dtype=torch.float64)
+        squares = torch.zeros_like(total)
+        for start in range(0, len(images), chunk):
+            x = images[start:start + chunk].to(torch.int64)
+            total += x.sum(dim=(0, 2, 3)).double()
+            squares += (x * x).sum(dim=(0, 2, 3)).double()
+        n = images.shape[0] * images.shape[2] * images.shape[3]
+        mean = total / n
+        std = (squares / n - mean * mean).clamp_min(1e-12).sqrt()
+        return cls(tuple(round(float(m) / 255, 7) for m in mean), tuple(round(max(float(s) / 255, 1e-3), 7)
+                                                                    for s in std))
+
+    @classmethod
     def from_dict(cls, d: dict) -> "Normalization":
         return cls(tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]))
 
@@ -41,8 +64,8 @@ class Normalization:
 
     def invert(self, x: torch.Tensor) -> torch.Tensor:
         """Normalized float -> 0..255 float (not clipped)."""
-        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
         return (x * std + mean) * 255.0
 
 
@@ -53,8 +76,8 @@ def _affine(norm: Normalization, device: torch.device, dtype) -> tuple[torch.Ten
     Built outside inference mode: a cached inference tensor could never take part in autograd later
     (the stimulus search differentiates through the normalization)."""
     with torch.inference_mode(False):
-        scale = torch.tensor([1.0 / (255.0 * s) for s in norm.std], dtype=dtype).view(1, 3, 1, 1).to(device)
-        shift = torch.tensor([m / s for m, s in zip(norm.mean, norm.std)], dtype=dtype).view(1, 3, 1, 1).to(device)
+        scale = torch.tensor([1.0 / (255.0 * s) for s in norm.std], dtype=dtype).view(1, -1, 1, 1).to(device)
+        shift = torch.tensor([m / s for m, s in zip(norm.mean, norm.std)], dtype=dtype).view(1, -1, 1, 1).to(device)
     return scale, shift
 
 

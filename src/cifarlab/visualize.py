@@ -31,7 +31,6 @@ Also here: first-layer filters as images, activation maps of each conv layer for
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import math
@@ -45,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import plots
-from .data import CIFAR10_MEAN
+from .data.cifar10 import CIFAR10_MEAN
 from .errors import CifarlabError
 from .evaluate import predict_logits
 from .fsutil import atomic_write_json
@@ -83,11 +82,19 @@ class Target:
     kind: str        # "conv" or "class"
     position: int
     channels: int
+    image_shape: tuple = (3, 32, 32)  # (C, H, W) of the network's input
+
+
+def image_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) the model takes: its declaration says (3x32x32 for models declared before that key)."""
+    declaration = getattr(model, "declaration", None) or {}
+    return tuple(declaration.get("input_shape", (3, 32, 32)))
 
 
 def stimulus_targets(model: nn.Sequential) -> list[Target]:
     """Each conv layer's following activation (the conv itself if none follows), then the class logits."""
     layers = list(model.named_children())
+    shape = image_shape(model)
     targets = []
     for i, (name, layer) in enumerate(layers):
         if type(layer) is not nn.Conv2d:  # the frozen whitening conv is not a learned feature
@@ -100,14 +107,14 @@ def stimulus_targets(model: nn.Sequential) -> list[Target]:
             if isinstance(other, ACTIVATIONS):
                 position = j
                 break
-        targets.append(Target(layers[position][0], name, "conv", position, layer.out_channels))
-    targets.append(Target("classes", "", "class", len(layers) - 1, _num_outputs(model)))
+        targets.append(Target(layers[position][0], name, "conv", position, layer.out_channels, shape))
+    targets.append(Target("classes", "", "class", len(layers) - 1, _num_outputs(model), shape))
     return targets
 
 
 def _num_outputs(model: nn.Sequential) -> int:
     with torch.no_grad():
-        return int(model(torch.zeros(1, 3, 32, 32)).shape[1])
+        return int(model(torch.zeros(1, *image_shape(model))).shape[1])
 
 
 def _prefix(model: nn.Sequential, target: Target) -> nn.Sequential:
@@ -176,7 +183,7 @@ class StimulusSettings:
 
 @dataclass
 class Stimuli:
-    """The result for one target: uint8 images (N, 3, 32, 32), the float images they were rounded from
+    """The result for one target: uint8 images (N, C, H, W), the float images they were rounded from
     (0..255), and the final objective value of each."""
 
     target: Target
@@ -218,7 +225,7 @@ def exercise_decode(x: torch.Tensor, normalization: Normalization) -> torch.Tens
 def _exercise_ascent(part, target, channels, all_channels, settings, seed, normalization):
     gen = _generator(seed, target, 0)
     scale = settings.noise_conv if target.kind == "conv" else settings.noise_class
-    x = ((torch.rand(all_channels, 3, 32, 32, generator=gen) - 0.5) * scale)[channels]
+    x = ((torch.rand(all_channels, *target.image_shape, generator=gen) - 0.5) * scale)[channels]
     value = torch.zeros(len(channels))
     for _ in range(settings.steps):
         x.requires_grad_(True)
@@ -255,23 +262,24 @@ def _fft_scale(size: int = 32) -> torch.Tensor:
 class _Image:
     """A batch of images in 0..1 made from free parameters, so the optimizer never leaves the valid range."""
 
-    def __init__(self, n: int, settings: StimulusSettings, gen: torch.Generator):
+    def __init__(self, n: int, settings: StimulusSettings, gen: torch.Generator, size: int = 32):
         self.settings = settings
         self.matrix = color_matrix() if settings.decorrelate else torch.eye(3)
         mean = torch.tensor(CIFAR10_PIXEL_MEAN)
         self.offset = torch.log(mean / (1 - mean)).view(1, 3, 1, 1)  # sigmoid(offset) = mean color
+        self.size = size
         if settings.fft:
-            self.freq_scale = _fft_scale()
-            shape = (n, 3, 32, 17, 2)
+            self.freq_scale = _fft_scale(size)
+            shape = (n, 3, size, size // 2 + 1, 2)
         else:
-            shape = (n, 3, 32, 32)
+            shape = (n, 3, size, size)
         self.param = (torch.randn(shape, generator=gen) * settings.init_std).requires_grad_(True)
 
     def __call__(self) -> torch.Tensor:
         p = self.param
         if self.settings.fft:
             spectrum = torch.view_as_complex(p.contiguous()) * self.freq_scale
-            p = torch.fft.irfft2(spectrum, s=(32, 32), norm="ortho")
+            p = torch.fft.irfft2(spectrum, s=(self.size, self.size), norm="ortho")
         colored = torch.einsum("ij,njhw->nihw", self.matrix, p)
         return torch.sigmoid(colored + self.offset)
 
@@ -297,7 +305,7 @@ def total_variation(images: torch.Tensor) -> torch.Tensor:
 
 
 def _default_ascent(part, target, channels, all_channels, settings, seed, normalization):
-    image = _Image(all_channels, settings, _generator(seed, target, 0))
+    image = _Image(all_channels, settings, _generator(seed, target, 0), size=target.image_shape[-1])
     with torch.no_grad():  # keep only the requested channels' parameters
         image.param = image.param[channels].detach().requires_grad_(True)
     view_gen = _generator(seed, target, 1)
@@ -386,10 +394,10 @@ def grader_check(model: nn.Module, class_stimuli: torch.Tensor, normalization: N
     return probs[np.arange(len(probs)), np.arange(len(probs))]
 
 
-def mean_color_image(n: int = 1) -> torch.Tensor:
+def mean_color_image(n: int = 1, size: int = 32) -> torch.Tensor:
     """The gray (mean color) image both methods start from, as uint8."""
     color = torch.tensor(CIFAR10_PIXEL_MEAN) * 255
-    return color.round().to(torch.uint8).view(1, 3, 1, 1).expand(n, 3, 32, 32).clone()
+    return color.round().to(torch.uint8).view(1, 3, 1, 1).expand(n, 3, size, size).clone()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -410,7 +418,7 @@ def first_layer_filters(model: nn.Sequential) -> torch.Tensor:
 
 @torch.no_grad()
 def activation_maps(model: nn.Sequential, image: torch.Tensor, normalization: Normalization) -> dict[str, torch.Tensor]:
-    """For one uint8 image (3, 32, 32): each conv target's activation maps (C, H, W)."""
+    """For one uint8 image (C, H, W): each conv target's activation maps (C, H, W)."""
     positions = {t.position: t.name for t in stimulus_targets(model) if t.kind == "conv"}
     x, maps = normalization(image[None]), {}
     with _evaluating(model):
@@ -453,7 +461,7 @@ def saliency(model: nn.Sequential, images: torch.Tensor, normalization: Normaliz
 def grad_cam(model: nn.Sequential, images: torch.Tensor, normalization: Normalization,
              classes=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Grad-CAM on the last conv layer (after its activation): channel weights = spatial mean of the
-    class logit's gradient, map = ReLU of the weighted sum, upsampled to 32x32 and scaled to 0..1."""
+    class logit's gradient, map = ReLU of the weighted sum, upsampled to the image size and scaled to 0..1."""
     convs = [t for t in stimulus_targets(model) if t.kind == "conv"]
     if not convs:
         raise VisualizationError("the model has no conv layer; Grad-CAM needs one")
@@ -528,7 +536,8 @@ def plot_layer_stimuli(stimuli: Stimuli, path, method: str) -> Path:
 def plot_class_stimuli(images: torch.Tensor, classes: list[str], probabilities: np.ndarray, path,
                        method: str) -> Path:
     labels = [f"{name}\np = {p:.3f}" for name, p in zip(classes, probabilities)]
-    return _tile_figure(plots.to_hwc(images), labels, path, len(labels),
+    # One row for CIFAR-10's ten classes; a grid of ten per row for CIFAR-100's hundred.
+    return _tile_figure(plots.to_hwc(images), labels, path, min(len(labels), 10),
                         f"Class stimuli, {method} method: p = the net's probability of that class for the 8-bit "
                         f"image", tile_inches=1.35, label_lines=2, font=9)
 
@@ -693,43 +702,3 @@ def _prepare_out_dir(out_dir) -> Path:
 
 # ---------------------------------------------------------------------------------------------------
 # Command line
-
-
-def add_cli(sub) -> None:
-    from .cli import _add_data_args, _bounded_int
-
-    p = sub.add_parser("visualize", help="maximum stimuli, filters, activation maps, saliency and Grad-CAM",
-                       description="Render what a trained net learned into PNGs (and summary.json).")
-    p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help="a run folder, a checkpoint folder or a "
-                                                                  ".safetensors file")
-    p.add_argument("--method", choices=METHODS, default="default",
-                   help="default: robust, decorrelated, regularized; exercise: the exercise's plain ascent")
-    p.add_argument("--seed", type=_bounded_int(0, 2 ** 63 - 1), default=0)
-    p.add_argument("--steps", type=_bounded_int(0, 100_000), help="gradient steps per layer (default: 96 for "
-                                                                  "default, 20 for exercise)")
-    p.add_argument("--fft", action="store_true", help="default method: Fourier parameterization with a 1/f "
-                                                       "spectrum (smoother, more natural-looking stimuli)")
-    p.add_argument("--threads", type=_bounded_int(0, 1024), default=1,
-                   help="CPU threads for the gradient ascent (default 1: its batches are small; 0: torch's "
-                        "default)")
-    p.add_argument("--out", help="output folder (default: <run or checkpoint folder>/visualize)")
-    p.add_argument("--images", type=_bounded_int(0, 10 ** 9), nargs="+", metavar="IDX",
-                   help=f"test-set images for activation maps, saliency and Grad-CAM (default: "
-                        f"{' '.join(map(str, DEFAULT_IMAGES))})")
-    _add_data_args(p)
-    p.set_defaults(func=cmd_visualize)
-
-
-def cmd_visualize(args: argparse.Namespace) -> int:
-    from .checkpoints import load_checkpoint
-    from .cli import _load_data
-
-    ckpt = load_checkpoint(args.checkpoint)
-    path = Path(args.checkpoint)
-    out = Path(args.out) if args.out else (path if path.is_dir() else path.parent) / "visualize"
-    data = _load_data(args)
-    settings = StimulusSettings.for_method(args.method, steps=args.steps, fft=args.fft or None)
-    result = render_all(ckpt, out, data=data, seed=args.seed, images=args.images, settings=settings,
-                        threads=args.threads or None)
-    print(f"written to {result.out_dir}/: " + ", ".join(Path(f).name for f in result.files.values()))
-    return 0

@@ -1,4 +1,4 @@
-"""Download and unpack CIFAR-10 so that nothing half-written ever lands in the cache.
+"""Download and unpack a dataset archive so that nothing half-written ever lands in the cache.
 
 The archive goes to a temporary file, its md5 is checked *before* anything is extracted, members are
 screened (no absolute paths, ``..``, links, devices or oversized files) and written into a temporary
@@ -22,18 +22,54 @@ import tempfile
 import urllib.error
 import urllib.request
 import zlib
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .data import ARCHIVE_MD5, BIN_DIRNAME, FILE_MD5, verify_folder
-from .errors import DataError
-from .fsutil import fsync_dir
+from ..errors import DataError
+from ..fsutil import fsync_dir
+from .base import md5_of, verify_files
 
-# The largest CIFAR-10 member is 30.7 MB; anything far bigger is not CIFAR-10 (or is a bomb).
-MAX_MEMBER_BYTES = 64 << 20
+# Defaults sized for the CIFAR archives: the largest member (CIFAR-100's train.bin) is 154 MB; anything
+# far bigger is not one of them (or is a bomb).
+MAX_MEMBER_BYTES = 192 << 20
 MAX_TOTAL_BYTES = 256 << 20
-MAX_MEMBERS = 64                 # the archive has 9 entries
+MAX_MEMBERS = 64                 # the CIFAR archives have 9 and 6 entries
 MAX_READ_BYTES = 4 << 20         # no single read of the tar stream may be larger (pax / long-name headers)
-MAX_DOWNLOAD_BYTES = 512 << 20   # the official archive is 170 MB
+MAX_DOWNLOAD_BYTES = 512 << 20   # the official archives are 163-170 MB
+
+
+@dataclass(frozen=True)
+class ArchiveSpec:
+    """An official archive: where it is, its md5, the folder inside it and that folder's files.
+
+    ``file_md5`` are the official per-file checksums where they are published (CIFAR-10); otherwise
+    ``file_sizes`` pin each file's exact size, and the archive's md5 is what vouches for the content.
+    """
+
+    title: str                     # "CIFAR-10", in messages
+    url: str
+    archive_name: str
+    archive_md5: str
+    folder: str                    # the folder inside the archive that holds the files
+    file_md5: dict | None = None
+    file_sizes: dict | None = None
+    url_env: str = "CIFARLAB_URL"  # a mirror
+
+    @property
+    def files(self) -> list[str]:
+        return sorted(self.file_md5 or self.file_sizes or {})
+
+    def verify_folder(self, root: Path, hint: str, remember: bool = True) -> None:
+        if self.file_md5:
+            verify_files(root, self.file_md5, hint, remember=remember)
+            return
+        for name, size in (self.file_sizes or {}).items():
+            path = Path(root) / name
+            if not path.is_file():
+                raise DataError(f"{path}: file is missing from the {self.title} folder. {hint}")
+            if path.stat().st_size != size:
+                raise DataError(f"{path}: {path.stat().st_size:,} bytes, expected {size:,} (the file is damaged "
+                                f"or not {self.title}). {hint}")
 _READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError, ValueError)
 
 
@@ -63,13 +99,13 @@ def download_file(url: str, dest: Path, expected_md5: str | None, progress: bool
                     total = int(length) if length and length.strip().isdigit() else None
                     if total is not None and total > MAX_DOWNLOAD_BYTES:
                         raise DataError(f"{url}: the server announces {total:,} bytes, far more than the "
-                                        f"CIFAR-10 archive; refusing to download it.")
+                                        f"dataset archive; refusing to download it.")
                     bar = _progress_bar(total, f"downloading {PurePosixPath(url).name}", progress)
                     while block := response.read(1 << 16):
                         received += len(block)
                         if received > MAX_DOWNLOAD_BYTES:
                             raise DataError(f"{url}: more than {MAX_DOWNLOAD_BYTES:,} bytes, far more than the "
-                                            f"CIFAR-10 archive; stopped the download.")
+                                            f"dataset archive; stopped the download.")
                         f.write(block)
                         digest.update(block)
                         bar.update(len(block))
@@ -115,10 +151,10 @@ def _check_member(member: tarfile.TarInfo, archive: Path) -> None:
     elif not (member.isfile() or member.isdir()):
         why = "not a regular file or folder"
     elif member.size > MAX_MEMBER_BYTES:
-        why = f"{member.size:,} bytes, more than the {MAX_MEMBER_BYTES:,} any CIFAR-10 file needs"
+        why = f"{member.size:,} bytes, more than the {MAX_MEMBER_BYTES:,} any dataset file here needs"
     if why:
         shown = name if len(name) <= 120 else name[:100] + "..."
-        raise DataError(f"{archive}: refusing member {shown!r}: {why}. The archive is not a safe CIFAR-10 "
+        raise DataError(f"{archive}: refusing member {shown!r}: {why}. The archive is not a safe dataset "
                         f"archive; nothing was extracted into the cache.")
 
 
@@ -139,7 +175,7 @@ class _BoundedStream:
         self.close()
 
     def _refuse(self, what: str) -> DataError:
-        return DataError(f"{self.archive}: {what}; CIFAR-10's archive is never that large, so it is refused "
+        return DataError(f"{self.archive}: {what}; a CIFAR archive is never that large, so it is refused "
                          f"(a decompression bomb or a damaged archive). Nothing was extracted into the cache.")
 
     def read(self, size: int = -1) -> bytes:
@@ -211,11 +247,11 @@ def safe_extract(archive: Path, dest: Path) -> None:
                 members.append(member)
                 total += member.size
                 if len(members) > MAX_MEMBERS:
-                    raise DataError(f"{archive}: more than {MAX_MEMBERS} members; CIFAR-10's archive has 9. "
+                    raise DataError(f"{archive}: more than {MAX_MEMBERS} members; the CIFAR archives have 6-9. "
                                     f"Refusing to extract.")
                 if total > MAX_TOTAL_BYTES:
                     raise DataError(f"{archive}: members add up to more than {MAX_TOTAL_BYTES:,} bytes, more "
-                                    f"than CIFAR-10's archive can hold; refusing to extract.")
+                                    f"than a CIFAR archive holds; refusing to extract.")
             for member in members:
                 target = dest / member.name
                 try:
@@ -233,27 +269,25 @@ def safe_extract(archive: Path, dest: Path) -> None:
                                     f"archive is truncated or damaged. Delete it and download again.") from None
 
 
-def extract_archive_into_cache(archive: Path, cache: Path, expected_md5: str | None = ARCHIVE_MD5,
-                               file_md5: dict[str, str] = FILE_MD5) -> Path:
-    """Verify and unpack ``archive``; move the ``cifar-10-batches-bin`` folder into ``cache``."""
-    from .data import md5_of
-
+def extract_archive_into_cache(archive: Path, cache: Path, spec: ArchiveSpec, check_md5: bool = True,
+                               hint: str = "") -> Path:
+    """Verify and unpack ``archive``; move the spec's folder into ``cache``; return it."""
     archive = Path(archive)
-    if expected_md5 and md5_of(archive) != expected_md5:
-        raise DataError(f"{archive}: md5 differs from the official archive's {expected_md5}. Delete it "
-                        f"and download again.")
+    if check_md5 and md5_of(archive) != spec.archive_md5:
+        raise DataError(f"{archive}: md5 differs from the official {spec.title} archive's {spec.archive_md5}. "
+                        f"Delete it and download again.")
     cache.mkdir(parents=True, exist_ok=True)
-    final = cache / BIN_DIRNAME
+    final = cache / spec.folder
     if final.is_dir():
         return final
     staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=cache))
     try:
         safe_extract(archive, staging)
-        extracted = staging / BIN_DIRNAME
+        extracted = staging / spec.folder
         if not extracted.is_dir():
-            raise DataError(f"{archive}: no {BIN_DIRNAME}/ folder inside; this is not CIFAR-10's binary "
-                            f"version archive.")
-        verify_folder(extracted, file_md5, remember=False)
+            raise DataError(f"{archive}: no {spec.folder}/ folder inside; this is not the {spec.title} archive "
+                            f"({spec.archive_name}).")
+        spec.verify_folder(extracted, hint, remember=False)
         try:
             os.rename(extracted, final)
         except OSError:
@@ -265,17 +299,17 @@ def extract_archive_into_cache(archive: Path, cache: Path, expected_md5: str | N
     return final
 
 
-def fetch_cifar10(cache: Path, url: str, progress: bool = True, expected_md5: str = ARCHIVE_MD5,
-                  file_md5: dict[str, str] = FILE_MD5) -> Path:
+def fetch(spec: ArchiveSpec, cache: Path, url: str | None = None, progress: bool = True, hint: str = "") -> Path:
     """Download the official archive into ``cache`` (verified), unpack it, return the data folder."""
+    url = url or os.environ.get(spec.url_env) or spec.url
     if not url.startswith(("http://", "https://", "file://")):
         raise DataError(f"download URL {url!r}: expected http://, https:// or file://")
     cache = Path(cache)
-    archive = cache / "cifar-10-binary.tar.gz"
+    archive = cache / spec.archive_name
     if not archive.exists():
-        download_file(url, archive, expected_md5, progress=progress)
+        download_file(url, archive, spec.archive_md5, progress=progress)
     try:
-        return extract_archive_into_cache(archive, cache, expected_md5, file_md5)
+        return extract_archive_into_cache(archive, cache, spec, hint=hint)
     except DataError:
         archive.unlink(missing_ok=True)  # a bad archive must not poison the next attempt
         raise

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DataError, short_repr
+from ..errors import DataError, short_repr
 
 MAX_BATCH_FILE_BYTES = 200 << 20
 MAX_NDIM = 8
@@ -276,7 +276,7 @@ def _class_names(names, path: Path) -> list[str]:
 
 
 def load_python_version(root: Path):
-    from .data import CIFAR10, Split
+    from .base import Dataset, Split
 
     root = Path(root)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
@@ -290,5 +290,5 @@ def load_python_version(root: Path):
     def split(x, y):
         return Split(torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)))
 
-    return CIFAR10(train=split(np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train])),
+    return Dataset(name="cifar10", spec="cifar10", train=split(np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train])),
                    test=split(test_x, test_y), classes=classes, root=root)

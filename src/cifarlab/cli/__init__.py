@@ -1,0 +1,50 @@
+"""The ``cifarlab`` command: a thin layer of argparse over the library, one module per command.
+
+Each command module has ``register(subparsers)``; adding a command is one module and one entry in
+:data:`COMMANDS`. No library module imports this package.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import CifarlabError
+from . import evaluate, export, import_keras, info, predict, report, train, visualize
+from .args import EXIT_ERROR, EXIT_INTERRUPTED
+
+COMMANDS = [train, evaluate, visualize, report, predict, export, import_keras, info]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..version import __version__
+
+    parser = argparse.ArgumentParser(prog="cifarlab", description="Define a CNN, train it on CIFAR-10, CIFAR-100 "
+                                     "or your own photos, evaluate it, and see what it learned.")
+    parser.add_argument("--version", action="version", version=f"cifarlab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except CifarlabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except ValueError as e:  # recipe validation and similar user-value errors
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as e:  # a full disk, an unwritable folder: say so, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""What several commands share: value types that reject hostile input before anything is allocated,
+the data options, the training options (built from the :class:`~cifarlab.recipes.Recipe` fields) and
+the exit codes."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def bounded_int(lo: int, hi: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{value} is outside {lo}..{hi}")
+        return value
+    return parse
+
+
+def bounded_float(lo: float, hi: float):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (lo <= value <= hi):  # also rejects nan
+            raise argparse.ArgumentTypeError(f"{text} is outside {lo}..{hi}")
+        return value
+    return parse
+
+
+def add_tta_argument(p, default_help: str) -> None:
+    """--tta (flip, level 1), --tta-level N, --no-tta (0); None means "as the recipe says".
+    --tta stays a plain flag so it never swallows the positional argument after it."""
+    p.add_argument("--tta", dest="tta", action="store_const", const=1, default=None,
+                   help=f"flip test-time augmentation (same as --tta-level 1) {default_help}")
+    p.add_argument("--tta-level", dest="tta", type=bounded_int(0, 2), metavar="N",
+                   help="test-time augmentation: 0 none, 1 flip, 2 flip + 1-pixel translations (airbench)")
+    p.add_argument("--no-tta", dest="tta", action="store_const", const=0, help="same as --tta-level 0")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+
+
+def add_data_args(p: argparse.ArgumentParser, default_help: str = "cifar10") -> None:
+    from ..data import DATASETS
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", metavar="SPEC",
+                   help="one of: " + ", ".join(e.usage for e in DATASETS.values()) + f" (default: {default_help})")
+    g.add_argument("--data-dir", help="the dataset's folder, its parent, or its official .tar.gz archive "
+                                      "(default: $CIFARLAB_DATA, then the cache, else download)")
+    g.add_argument("--no-download", action="store_true", help="fail instead of downloading the data")
+    g.add_argument("--image-size", type=bounded_int(8, 512), default=32,
+                   help="folder datasets: images are center-cropped and resized to this size (default: 32)")
+    g.add_argument("--test-fraction", type=bounded_float(0.01, 0.9), default=0.2,
+                   help="folder datasets without train/ and test/: the stratified test share (default: 0.2)")
+    g.add_argument("--split-seed", type=bounded_int(0, 2 ** 32 - 1), default=0,
+                   help="folder datasets without train/ and test/: the split's seed (default: 0)")
+    g.add_argument("--strict", action="store_true", help="folder datasets: refuse unreadable images instead of "
+                                                        "skipping them")
+
+
+def load_data(args, stored: dict | None = None, log=print):
+    """The dataset the options name, or else the one a checkpoint was trained on (``stored``: its meta's
+    "dataset" entry), or else CIFAR-10. Skipped files are listed."""
+    from ..data import load_dataset
+
+    options = {"image_size": getattr(args, "image_size", 32), "test_fraction": getattr(args, "test_fraction", 0.2),
+               "split_seed": getattr(args, "split_seed", 0)}
+    spec = getattr(args, "dataset", None)
+    if not spec and stored:  # the checkpoint's own data, loaded as it was: same size, same split
+        spec = stored.get("spec")
+        identity = stored.get("identity") or {}
+        options = {"image_size": int((stored.get("image_shape") or [32])[-1]),
+                   "test_fraction": identity.get("test_fraction", 0.2), "split_seed": identity.get("seed", 0)}
+    ds = load_dataset(spec or "cifar10", data_dir=args.data_dir, download=not args.no_download,
+                      progress=not getattr(args, "no_progress", False), strict=getattr(args, "strict", False),
+                      log=log, **options)
+    for note in ds.notes[:20]:
+        log(f"note: {note}")
+    if len(ds.notes) > 20:
+        log(f"note: ... and {len(ds.notes) - 20} more")
+    return ds
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training options, from the Recipe's fields
+
+
+def add_recipe_args(g) -> None:
+    """One option per Recipe field: its name, type, choices, bounds and help come from the field."""
+    from ..recipes import Recipe
+
+    for f in fields(Recipe):
+        if f.name == "tta":
+            add_tta_argument(g, "when validating")
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        meta = dict(f.metadata)
+        help_text = meta.get("help") or None
+        if f.type == "bool":
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif meta.get("choices"):
+            g.add_argument(flag, choices=meta["choices"], help=help_text)
+        elif meta.get("bounds"):
+            lo, hi = meta["bounds"]
+            kind = bounded_int if f.type == "int" else bounded_float
+            g.add_argument(flag, type=kind(lo, hi), help=help_text)
+        else:
+            g.add_argument(flag, help=help_text)
+
+
+def recipe_from_args(args):
+    from ..recipes import Recipe, recipe_from
+
+    return recipe_from(args.preset, **{f.name: getattr(args, f.name, None) for f in fields(Recipe)})

@@ -1,0 +1,40 @@
+"""``cifarlab export CHECKPOINT --format onnx``: an ONNX model with the normalization inside."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .args import bounded_int
+
+
+def register(sub) -> None:
+    from ..export import DEFAULT_OPSET
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX (normalization included)",
+                       description="Export to ONNX. Input 'pixels': float32 (N, C, H, W) of the checkpoint's image "
+                                   "shape, RGB, raw 0..255 (the checkpoint's normalization is inside the graph); "
+                                   "outputs 'logits' and 'probabilities'; class names in the metadata "
+                                   "'cifarlab.classes'.")
+    p.add_argument("checkpoint", help="a run folder, a checkpoint folder or a .safetensors file")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="output format (default: onnx)")
+    p.add_argument("--out", help="output file (default: model.onnx in the run folder, or beside the file)")
+    p.add_argument("--opset", type=bounded_int(13, 20), default=DEFAULT_OPSET,
+                   help=f"ONNX opset version (default: {DEFAULT_OPSET})")
+    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check against PyTorch")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..checkpoints import load_checkpoint
+    from ..export import INPUT_NAME, default_output, export_onnx, input_shape
+
+    ckpt = load_checkpoint(args.checkpoint)
+    out = Path(args.out) if args.out else default_output(args.checkpoint)
+    report = export_onnx(ckpt, out, opset=args.opset, verify=not args.no_verify)
+    verified = report.get("verified")
+    shape = ", ".join(map(str, input_shape(ckpt)))
+    print(f"wrote {out} ({report['bytes'] / 1e6:.1f} MB, ONNX opset {report['opset']}); input '{INPUT_NAME}' "
+          f"float32 (N, {shape}) RGB 0..255, outputs 'logits' and 'probabilities'")
+    if verified:
+        print(f"checked in onnxruntime against PyTorch on {verified['images']} images: max |logit diff| "
+              f"{verified['max_abs_logit_diff']:.2g}, same predictions: {verified['same_predictions']}")
+    return 0

@@ -1,0 +1,46 @@
+"""``cifarlab visualize``: maximum stimuli, filters, activation maps, saliency and Grad-CAM into PNGs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .args import add_data_args, bounded_int, load_data
+
+
+def register(sub) -> None:
+    from ..visualize import DEFAULT_IMAGES, METHODS
+
+    p = sub.add_parser("visualize", help="maximum stimuli, filters, activation maps, saliency and Grad-CAM",
+                       description="Render what a trained net learned into PNGs (and summary.json).")
+    p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help="a run folder, a checkpoint folder or a "
+                                                                  ".safetensors file")
+    p.add_argument("--method", choices=METHODS, default="default",
+                   help="default: robust, decorrelated, regularized; exercise: the exercise's plain ascent")
+    p.add_argument("--seed", type=bounded_int(0, 2 ** 63 - 1), default=0)
+    p.add_argument("--steps", type=bounded_int(0, 100_000), help="gradient steps per layer (default: 96 for "
+                                                                 "default, 20 for exercise)")
+    p.add_argument("--fft", action="store_true", help="default method: Fourier parameterization with a 1/f "
+                                                       "spectrum (smoother, more natural-looking stimuli)")
+    p.add_argument("--threads", type=bounded_int(0, 1024), default=1,
+                   help="CPU threads for the gradient ascent (default 1: its batches are small; 0: torch's "
+                        "default)")
+    p.add_argument("--out", help="output folder (default: <run or checkpoint folder>/visualize)")
+    p.add_argument("--images", type=bounded_int(0, 10 ** 9), nargs="+", metavar="IDX",
+                   help=f"test-set images for activation maps, saliency and Grad-CAM (default: "
+                        f"{' '.join(map(str, DEFAULT_IMAGES))})")
+    add_data_args(p, default_help="the data the checkpoint was trained on")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..checkpoints import load_checkpoint
+    from ..visualize import StimulusSettings, render_all
+
+    ckpt = load_checkpoint(args.checkpoint)
+    path = Path(args.checkpoint)
+    out = Path(args.out) if args.out else (path if path.is_dir() else path.parent) / "visualize"
+    data = load_data(args, stored=ckpt.meta.get("dataset"))
+    settings = StimulusSettings.for_method(args.method, steps=args.steps, fft=args.fft or None)
+    result = render_all(ckpt, out, data=data, seed=args.seed, images=args.images, settings=settings,
+                        threads=args.threads or None)
+    print(f"written to {result.out_dir}/: " + ", ".join(Path(f).name for f in result.files.values()))
+    return 0

@@ -1,0 +1,211 @@
+"""What every dataset is made of: uint8 tensors in splits, the classes, where they came from.
+
+A dataset module (``cifar10``, ``cifar100``, ``folder``...) turns files into a :class:`Dataset`; nothing
+downstream knows which one it was: models, training, evaluation and visualization take the number of
+classes, the class names and the image shape from here, and checkpoints store :meth:`Dataset.describe`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import DataError
+from ..fsutil import atomic_write_json
+
+MAX_CLASSES = 10_000
+
+
+@dataclass(repr=False)
+class Split:
+    """Images as uint8 (N, C, H, W) and labels as int64 (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index) -> "Split":
+        return Split(self.images[index], self.labels[index])
+
+    def __repr__(self) -> str:
+        return f"Split({len(self)} images {tuple(self.images.shape[1:])})"
+
+
+@dataclass(repr=False)
+class Dataset:
+    """A training and a test split of one image shape, and the names of the classes (label i = classes[i]).
+
+    ``name`` is the registry name it was loaded by (``cifar10``, ``cifar100``, ``folder``); ``spec`` the
+    string that loads it again (``folder:/photos``); ``identity`` what makes this data this data (file
+    checksums, split seed...), stored with every run so a resume can tell whether the data changed.
+    """
+
+    train: Split
+    test: Split
+    classes: list[str]
+    root: Path | None = None
+    name: str = "cifar10"
+    spec: str = ""
+    identity: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)      # things the user should hear (skipped files)
+    files: dict = field(default_factory=dict)           # per split, the source file of each image (folders)
+
+    def __repr__(self) -> str:
+        return (f"Dataset({self.spec or self.name!r}: {len(self.train)} train / {len(self.test)} test images "
+                f"{tuple(self.image_shape)}, {self.num_classes} classes)")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of every image."""
+        return tuple(self.train.images.shape[1:])
+
+    def describe(self) -> dict:
+        """What a checkpoint stores about its data (JSON)."""
+        return {"name": self.name, "spec": self.spec or self.name, "classes": list(self.classes),
+                "image_shape": list(self.image_shape), "train_images": len(self.train),
+                "test_images": len(self.test), "identity": dict(self.identity)}
+
+    def with_train(self, train: Split, note: str) -> "Dataset":
+        """The same dataset with another training split (a subset): the identity says which."""
+        identity = dict(self.identity, train_subset=note)
+        return Dataset(train=train, test=self.test, classes=list(self.classes), root=self.root, name=self.name,
+                       spec=self.spec, identity=identity, notes=list(self.notes), files={})
+
+
+def check_dataset(ds: Dataset, source: str) -> Dataset:
+    """The invariants every loader promises (cheap; run on every load)."""
+    for split_name, split in (("train", ds.train), ("test", ds.test)):
+        x, y = split.images, split.labels
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise DataError(f"{source}: {split_name} images must be uint8 (N, 1 or 3, H, W), not {x.dtype} "
+                            f"{tuple(x.shape)}")
+        if len(x) != len(y) or len(y) == 0:
+            raise DataError(f"{source}: {split_name} split has {len(x)} images and {len(y)} labels")
+        if int(y.min()) < 0 or int(y.max()) >= len(ds.classes):
+            raise DataError(f"{source}: {split_name} labels must be in 0..{len(ds.classes) - 1}")
+    if ds.train.images.shape[1:] != ds.test.images.shape[1:]:
+        raise DataError(f"{source}: train images are {tuple(ds.train.images.shape[1:])} but test images are "
+                        f"{tuple(ds.test.images.shape[1:])}")
+    if not 2 <= len(ds.classes) <= MAX_CLASSES or len(set(ds.classes)) != len(ds.classes):
+        raise DataError(f"{source}: needs 2..{MAX_CLASSES} distinct class names, found {len(ds.classes)}")
+    return ds
+
+
+def holdout_split(train: Split, n_val: int, seed: int = 0) -> tuple[Split, Split]:
+    """Hold out ``n_val`` training images as a validation set (a seeded random choice)."""
+    if not 0 < n_val < len(train):
+        raise ValueError(f"--val-split must be between 1 and {len(train) - 1}, got {n_val}")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    return train.subset(order[n_val:]), train.subset(order[:n_val])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The cache and file verification (shared by every dataset that has official checksums)
+
+
+def cache_dir() -> Path:
+    """Where downloads, decoded image folders and verification stamps live (``$CIFARLAB_CACHE`` overrides)."""
+    env = os.environ.get("CIFARLAB_CACHE")
+    if env:
+        path = Path(env).expanduser()
+        if path.exists() and not path.is_dir():
+            raise DataError(f"CIFARLAB_CACHE={path} is not a folder; point it at a folder (or unset it).")
+        return path
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cifarlab"
+
+
+def md5_of(path: Path, chunk: int = 1 << 20) -> str:
+    return _digest(path, hashlib.md5(), chunk)
+
+
+def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
+    return _digest(path, hashlib.sha256(), chunk)
+
+
+def _digest(path: Path, digest, chunk: int) -> str:
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _stamp_path() -> Path:
+    return cache_dir() / "verified.json"
+
+
+def _file_key(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def verify_files(root: Path, files: dict[str, str], hint: str, remember: bool = True, what: str = "md5",
+                 hasher=None) -> None:
+    """Check every file's digest against the official value; remember files that passed.
+
+    A file is re-hashed only when its path, size or modification time changed since it last passed,
+    so a dataset's hundreds of MB are hashed once per machine rather than on every run.
+    """
+    root = Path(root)
+    stamp_file = _stamp_path()
+    try:
+        stamps = json.loads(stamp_file.read_text()) if stamp_file.is_file() else {}
+        if not isinstance(stamps, dict):
+            stamps = {}
+    except (OSError, ValueError):
+        stamps = {}  # a damaged stamp file only costs a re-hash
+    changed = False
+    for name, expected in files.items():
+        path = root / name
+        if not path.is_file():
+            raise DataError(f"{path}: file is missing. {hint}")
+        key = _file_key(path)
+        if stamps.get(key) == expected:
+            continue
+        actual = (hasher or md5_of)(path)
+        if actual != expected:
+            raise DataError(f"{path}: {what} is {actual}, expected {expected} (the file is damaged or altered). "
+                            f"{hint}")
+        stamps[key] = expected
+        changed = True
+    if changed and remember:
+        try:
+            atomic_write_json(stamp_file, stamps)
+        except OSError:
+            pass  # an unwritable cache only costs a re-hash next time
+
+
+def read_small_text(path: Path, max_bytes: int, hint: str) -> str:
+    """A small text file (class names): regular file, bounded size, UTF-8."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file is missing. {hint}")
+    if path.stat().st_size > max_bytes:
+        raise DataError(f"{path}: {path.stat().st_size:,} bytes; expected a short list of class names. {hint}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text; expected one class name per line.") from None
+
+
+def read_records_file(path: Path, record_bytes: int, max_records: int, hint: str):
+    """The bytes of a fixed-record file, after checking it is a regular file of a plausible size."""
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file is missing. {hint}")
+    size = path.stat().st_size
+    if size > record_bytes * max_records:
+        raise DataError(f"{path}: {size:,} bytes is more than {max_records:,} records. {hint}")
+    return np.fromfile(path, dtype=np.uint8)
