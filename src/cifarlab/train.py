@@ -245,6 +245,9 @@ def train(recipe: Recipe, data: Dataset, run_dir: str | Path, device: str | torc
     ``max_steps`` stops after that many optimizer steps in this call (for tests and benchmarks).
     """
     recipe.validate()
+    if data.eval_only:
+        raise TrainingError(f"{data.spec or data.name} is an evaluation-only dataset (no training images); train on "
+                            f"another dataset and evaluate on this one (cifarlab evaluate RUN --on {data.spec}).")
     device = torch.device(device) if device else default_device()
     if channels_last is None:
         channels_last = device.type == "cpu"  # measured faster on CPU for these convs (bench/)
