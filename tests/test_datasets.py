@@ -316,3 +316,77 @@ def test_a_declaration_for_another_number_of_classes_is_refused_with_the_numbers
     assert code == 2
     assert "outputs (10,); expected (100,) for 100 classes" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# CIFAR-10.1: two .npy files, sha256-checked, served on 127.0.0.1 (the real ones are not reachable here)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def cifar10_1_files(cifar):
+    """Files in CIFAR-10.1 v6's format (N, 32, 32, 3) uint8 + (N,) int64, from 50 real CIFAR-10 test images."""
+    images = cifar.test.images[:50].permute(0, 2, 3, 1).contiguous().numpy()
+    labels = cifar.test.labels[:50].numpy()
+    return {"cifar10.1_v6_data.npy": _npy(images), "cifar10.1_v6_labels.npy": _npy(labels)}, images, labels
+
+
+class _Files:
+    """A tiny loopback HTTP server for several files (real HTTP, 127.0.0.1 only)."""
+
+    def __init__(self, files: dict[str, bytes]):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                body = files.get(self.path.rsplit("/", 1)[-1])
+                self.send_response(200 if body is not None else 404)
+                self.send_header("Content-Length", str(len(body or b"")))
+                self.end_headers()
+                self.wfile.write(body or b"")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/datasets/"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_cifar10_1_downloads_verifies_and_loads_for_evaluation_only(cifar10_1_files, tmp_path, monkeypatch):
+    from cifarlab.data import cifar10_1
+
+    files, images, labels = cifar10_1_files
+    sha = {name: hashlib.sha256(body).hexdigest() for name, body in files.items()}
+    monkeypatch.setenv("CIFARLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("CIFARLAB_DATA", raising=False)
+    server = _Files(files)
+    try:
+        # The real checksums: these files are not CIFAR-10.1, so they are refused and nothing is kept.
+        with pytest.raises(DataError, match="sha256 of the download is .* expected 2997188e"):
+            cifar10_1.load("", url=server.url, progress=False)
+        assert not any((tmp_path / "cache" / "cifar10.1").iterdir())
+        ds = cifar10_1.load("", url=server.url, files=sha, progress=False)
+    finally:
+        server.close()
+    assert ds.eval_only and len(ds.train) == 0 and len(ds.test) == 50 and ds.classes == cifar10_1.CLASSES
+    assert np.array_equal(ds.test.images.permute(0, 2, 3, 1).numpy(), images)
+    assert np.array_equal(ds.test.labels.numpy(), labels)
+    # An object array or a wrong shape is refused from the header, before any data is read.
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "cifar10.1_v6_data.npy").write_bytes(_npy(np.zeros((5, 32, 32), np.uint8)))
+    (tmp_path / "bad" / "cifar10.1_v6_labels.npy").write_bytes(files["cifar10.1_v6_labels.npy"])
+    bad_sha = dict(sha, **{"cifar10.1_v6_data.npy": hashlib.sha256(
+        (tmp_path / "bad" / "cifar10.1_v6_data.npy").read_bytes()).hexdigest()})
+    with pytest.raises(DataError, match=r"holds uint8 \(5, 32, 32\), not what CIFAR-10.1 stores"):
+        cifar10_1.load("", data_dir=tmp_path / "bad", files=bad_sha)
