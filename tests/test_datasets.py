@@ -390,3 +390,27 @@ def test_cifar10_1_downloads_verifies_and_loads_for_evaluation_only(cifar10_1_fi
         (tmp_path / "bad" / "cifar10.1_v6_data.npy").read_bytes()).hexdigest()})
     with pytest.raises(DataError, match=r"holds uint8 \(5, 32, 32\), not what CIFAR-10.1 stores"):
         cifar10_1.load("", data_dir=tmp_path / "bad", files=bad_sha)
+
+
+def test_evaluate_on_a_shifted_set_reports_the_gap_with_intervals(cifar10_1_files, trained_run, tmp_path,
+                                                                   monkeypatch, capsys, data_dir):
+    from cifarlab.data import DatasetEntry, cifar10_1
+    from cifarlab.evaluate import wilson_interval
+
+    files, _, labels = cifar10_1_files
+    folder = tmp_path / "c101"
+    folder.mkdir()
+    for name, body in files.items():
+        (folder / name).write_bytes(body)
+    sha = {name: hashlib.sha256(body).hexdigest() for name, body in files.items()}
+    monkeypatch.setitem(DATASETS, "cifar10.1", DatasetEntry(
+        lambda arg, **kw: cifar10_1.load(arg, **dict(kw, data_dir=folder, files=sha)), "cifar10.1", "test copy"))
+    assert cli_main(["evaluate", str(trained_run), "--on", "cifar10.1", "--json", "--data-dir", str(data_dir)]) == 0
+    shift = json.loads(capsys.readouterr().out)["shift"][0]
+    assert shift["dataset"] == "cifar10.1" and shift["num_images"] == 50 and shift["reference_images"] == 10_000
+    assert shift["gap"] == pytest.approx(shift["reference_accuracy"] - shift["accuracy"])
+    lo, hi = shift["accuracy_ci95"]
+    assert lo <= shift["accuracy"] <= hi and shift["gap_ci95"][0] < shift["gap"] < shift["gap_ci95"][1]
+    # Wilson's interval by hand: 8 of 10 correct -> (0.4902, 0.9433)
+    assert wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
