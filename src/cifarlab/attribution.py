@@ -22,7 +22,7 @@ Methods (``METHODS``; adding one is one entry there):
 ``occlusion``      Captum ``Occlusion``: slide a square of the baseline colour (``"mean"`` colour by
                    default: "grey it out" without adding an edge of a colour absent from the data)
                    over the image; a pixel's value is the mean drop of the logit over the windows that
-                   cover it. Window ``H // 8`` (4 px on 32x32) and stride half of it, sized for the image.
+                   cover it (signed). Window ``H // 8`` (4 px on 32x32) and stride half of it, sized for the image.
 ``grad_cam``       Grad-CAM (Selvaraju et al. 2017) on a named layer (default: the last conv layer,
                    after its activation if one follows): ReLU(sum_k mean(dY/dA_k) A_k), upsampled
                    bilinearly to the image size. Hand-written with a forward hook.
@@ -115,9 +115,9 @@ def occlusion(x: torch.Tensor, targets: torch.Tensor, ctx: Context) -> torch.Ten
     attr = Occlusion(ctx.model).attribute(
         x, sliding_window_shapes=(c, window, window), strides=(c, stride, stride), baselines=baseline,
         target=targets, perturbations_per_eval=max(1, 256 // len(x)))
-    # Captum gives each input value the mean logit drop over the windows that cover it (the same for
-    # all channels, since windows span them); the channel sum is C times that, a per-pixel map.
-    return attr.detach().sum(1)
+    # Captum gives each input value the mean logit drop over the windows that cover it, the same for
+    # all channels since a window spans them: the channel mean is that drop, per pixel.
+    return attr.detach().mean(1)
 
 
 def grad_cam(x: torch.Tensor, targets: torch.Tensor, ctx: Context) -> torch.Tensor:
