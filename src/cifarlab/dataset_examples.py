@@ -35,11 +35,10 @@ def channel_objective(output: torch.Tensor) -> torch.Tensor:
     return output.flatten(2).mean(2) if output.ndim > 2 else output
 
 
-def _update(best_v, best_i, values, start):
+def _update(best_v, best_i, values, start, k):
     """Merge a batch's (B, C) values into the running (C, k) top-k. Earlier images come first in the
     concatenation and the sort is stable, so ties go to the lower index (what a brute-force stable
     argsort gives)."""
-    k = best_v.shape[1]
     idx = torch.arange(start, start + len(values)).expand(values.shape[1], -1)
     all_v = torch.cat([best_v, values.t()], 1)
     all_i = torch.cat([best_i, idx], 1)
@@ -69,7 +68,7 @@ def top_activating(model: nn.Module, images: torch.Tensor, normalization, layers
                     if name not in best:
                         c = values.shape[1]
                         best[name] = (torch.full((c, 0), -torch.inf), torch.zeros(c, 0, dtype=torch.long))
-                    best[name] = _update(*best[name], values, start)
+                    best[name] = _update(*best[name], values, start, k)
     finally:
         for h in hooks:
             h.remove()
