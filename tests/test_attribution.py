@@ -22,7 +22,7 @@ def test_maps_live_in_the_region_the_logit_depends_on(method):
     a = attr.attribute(method, net, images, NORM, seed=0, **options)
     assert a.maps.shape == (6, 16, 16) and a.maps.dtype == torch.float32
     assert (a.targets == 0).all()  # bright region: class 0 predicted
-    # Gradients reach 1 px past the region (3x3 box filter); occlusion windows (2 px, stride 1) 1 more.
+    # Gradients reach 1 px past the region (3x3 box filter); occlusion windows (2 px) up to 1 more.
     margin = 2 if method == "occlusion" else 1
     outside = ~net.inside(margin)
     assert a.maps[:, outside].abs().max() == 0

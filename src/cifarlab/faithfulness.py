@@ -135,7 +135,9 @@ def deletion_insertion(model: nn.Module, images: torch.Tensor, normalization, ma
 def _class_probability(model, stack: torch.Tensor, targets: torch.Tensor, normalization) -> torch.Tensor:
     """(B, S, C, H, W) 0..255 images -> (B, S) softmax probability of each image's target class."""
     b, s = stack.shape[:2]
-    logits = model(normalization(stack.flatten(0, 1))).float()
+    # channels-last input: measured ~1.5x faster for these convs on CPU (as evaluate.predict_logits does)
+    x = normalization(stack.flatten(0, 1)).contiguous(memory_format=torch.channels_last)
+    logits = model(x).float()
     probs = torch.softmax(logits, dim=1).view(b, s, -1)
     return probs.gather(2, targets.view(b, 1, 1).expand(b, s, 1))[..., 0]
 
