@@ -138,6 +138,8 @@ def test_true_class_target_and_registry():
         attr.attribute("saliency", net, images, NORM, target="true")
     with pytest.raises(ValueError, match="unknown attribution method"):
         attr.attribute("lime", net, images, NORM)
+    with torch.inference_mode():  # a caller in inference mode still gets maps
+        assert torch.isfinite(attr.attribute("saliency", net, images, NORM).maps).all()
     assert set(attr.attribute_all(net, images[:1], NORM, methods=["saliency", "grad_cam"])) == {"saliency", "grad_cam"}
 
 

@@ -67,8 +67,10 @@ def test_faithfulness_table_is_json_and_flags_random_like_methods(monkeypatch):
     images = region_images(net, n=8)
     labels = torch.zeros(8, dtype=torch.long)
     # a "method" that is a random map in disguise must not beat random
-    monkeypatch.setitem(attr.METHODS, "noise", lambda x, t, ctx: torch.rand(x.shape[0], *x.shape[2:],
-                                                                            generator=torch.Generator().manual_seed(99)))
+    def noise(x, targets, ctx):
+        return torch.rand(x.shape[0], *x.shape[2:], generator=torch.Generator().manual_seed(99))
+
+    monkeypatch.setitem(attr.METHODS, "noise", noise)
     table = fa.faithfulness_table(net, images, labels, NORM, methods=["saliency", "grad_cam", "noise"], steps=16,
                                   deletion_baseline="black", method_options={"grad_cam": {"layer": "mask"}})
     json.dumps(table)
@@ -79,6 +81,10 @@ def test_faithfulness_table_is_json_and_flags_random_like_methods(monkeypatch):
     noise = table["methods"]["noise"]["vs_random"]
     assert not (noise["deletion"]["beats_random"] and noise["insertion"]["beats_random"])
     assert len(sal["deletion_curve"]) == 17 and sal["seconds_maps"] >= 0
+    # maps explaining another class than the tracked (true) one are refused
+    other = attr.attribute("saliency", net, images, NORM, target=1)
+    with pytest.raises(ValueError, match="explain other classes"):
+        fa.faithfulness_table(net, images, labels, NORM, methods=["saliency"], steps=4, maps={"saliency": other})
 
 
 def _rankdata(v):

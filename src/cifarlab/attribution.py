@@ -297,28 +297,36 @@ def attribute(method: str, model: nn.Module, images: torch.Tensor, normalization
     if method not in METHODS:
         raise ValueError(f"unknown attribution method {method!r}: use one of {', '.join(METHODS)}")
     start = time.perf_counter()
+    # inference_mode(False): a caller inside torch.inference_mode() still gets gradients here; tensors
+    # it made in inference mode (labels, images) are cloned before autograd sees them.
+    with evaluating(model), torch.inference_mode(False), torch.enable_grad():
+        maps, targets, layer_name = _attribute(method, model, images, normalization, target, labels, layer,
+                                               batch_size, seed, options)
+    return Attribution(method, maps, targets, time.perf_counter() - start, layer_name)
+
+
+def _attribute(method, model, images, normalization, target, labels, layer, batch_size, seed, options):
     device = _device(model)
-    targets = resolve_targets(model, images, normalization, target, labels)
+    targets = resolve_targets(model, images, normalization, target, labels).clone()
     ctx = Context(model, baseline_colour={k: v.to(device) for k, v in baseline_colours(images, normalization).items()},
                   value_range=_value_range(images, normalization), seed=seed, options=options)
     layer_name = None
-    with evaluating(model), torch.enable_grad():
-        if method in LAYER_METHODS:
-            layer_name = layer if isinstance(layer, str) else None
-            if layer is None:
-                layer_name = last_conv_layer(model, normalization(images[:1].to(device)))
-            ctx.layer = resolve_layer(model, layer if layer is not None else layer_name)
-        maps = []
-        for b, s in enumerate(range(0, len(images), batch_size)):
-            ctx.batch_index = b
-            # channels-last: the layout CPU convs run fastest in (evaluate.predict_logits does the same)
-            x = normalization(images[s:s + batch_size].to(device)).contiguous(memory_format=torch.channels_last)
-            maps.append(METHODS[method](x, targets[s:s + batch_size].to(device), ctx).float().cpu())
+    if method in LAYER_METHODS:
+        layer_name = layer if isinstance(layer, str) else None
+        if layer is None:
+            layer_name = last_conv_layer(model, normalization(images[:1].to(device).clone()))
+        ctx.layer = resolve_layer(model, layer if layer is not None else layer_name)
+    maps = []
+    for b, s in enumerate(range(0, len(images), batch_size)):
+        ctx.batch_index = b
+        # channels-last: the layout CPU convs run fastest in (evaluate.predict_logits does the same)
+        x = normalization(images[s:s + batch_size].to(device).clone()).contiguous(memory_format=torch.channels_last)
+        maps.append(METHODS[method](x, targets[s:s + batch_size].to(device), ctx).float().cpu())
     h, w = images.shape[-2:]
-    out = torch.cat(maps) if maps else torch.empty(0, h, w)
-    return Attribution(method, out, targets, time.perf_counter() - start, layer_name)
+    return (torch.cat(maps) if maps else torch.empty(0, h, w)), targets, layer_name
 
 
-def attribute_all(model: nn.Module, images: torch.Tensor, normalization, methods=None, **kwargs) -> dict[str, Attribution]:
+def attribute_all(model: nn.Module, images: torch.Tensor, normalization, methods=None,
+                  **kwargs) -> dict[str, Attribution]:
     """Every method (or those named) on the same images and targets."""
     return {m: attribute(m, model, images, normalization, **kwargs) for m in (methods or METHODS)}

@@ -61,7 +61,7 @@ def top_activating(model: nn.Module, images: torch.Tensor, normalization, layers
     try:
         with attr.evaluating(model), torch.no_grad():
             for start in range(0, len(images), batch_size):
-                logits = model(normalization(images[start:start + batch_size].to(device)))
+                logits = model(_input(normalization, images[start:start + batch_size].to(device)))
                 captured[CLASSES] = logits
                 for name in layers:
                     values = channel_objective(captured[name]).float().cpu()
@@ -75,6 +75,11 @@ def top_activating(model: nn.Module, images: torch.Tensor, normalization, layers
     return {name: TopExamples(name, best[name][1], best[name][0]) for name in layers if name in best}
 
 
+def _input(normalization, images: torch.Tensor) -> torch.Tensor:
+    """Normalized, channels-last: the layout CPU convs run fastest in."""
+    return normalization(images).contiguous(memory_format=torch.channels_last)
+
+
 def _capture(store: dict, name: str):
     def hook(module, inputs, output):
         store[name] = output
@@ -85,13 +90,16 @@ def activations(model: nn.Module, images: torch.Tensor, normalization, layer: st
                 batch_size: int = 256) -> torch.Tensor:
     """(N, C) channel objectives of ``images`` (uint8, or 0..255 float such as stimuli) at ``layer``."""
     values = []
+    device = attr._device(model)
     modules = dict(model.named_modules())
+    if layer != CLASSES and layer not in modules:
+        raise ValueError(f"no layer named {layer!r}")
     captured: dict[str, torch.Tensor] = {}
     hook = modules[layer].register_forward_hook(_capture(captured, layer)) if layer != CLASSES else None
     try:
         with attr.evaluating(model), torch.no_grad():
             for start in range(0, len(images), batch_size):
-                captured[CLASSES] = model(normalization(images[start:start + batch_size].to(attr._device(model))))
+                captured[CLASSES] = model(_input(normalization, images[start:start + batch_size].to(device)))
                 values.append(channel_objective(captured[layer]).float().cpu())
     finally:
         if hook is not None:

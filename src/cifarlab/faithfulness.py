@@ -180,16 +180,23 @@ def faithfulness_table(model: nn.Module, images: torch.Tensor, labels: torch.Ten
     labels = torch.as_tensor(labels).long().cpu()
     method_options = method_options or {}
     mean_colour = attr.mean_colour(images)
-    curves_of = lambda m: deletion_insertion(model, images, normalization, m, labels, steps, deletion_baseline,  # noqa: E731
-                                             insertion_start, batch_size, mean_colour)
+
+    def curves_of(maps_: torch.Tensor) -> Curves:
+        return deletion_insertion(model, images, normalization, maps_, labels, steps, deletion_baseline,
+                                  insertion_start, batch_size, mean_colour)
+
     start = time.perf_counter()
     random = curves_of(random_maps(len(images), *images.shape[-2:], seed=seed))
     out = {"settings": {"n": len(images), "steps": steps, "seed": seed, "deletion_baseline": deletion_baseline,
-                        "insertion_start": insertion_start, "target": "true class", "tracked": "true class probability"},
+                        "insertion_start": insertion_start, "target": "true class",
+                        "tracked": "true class probability"},
            "random": _summary(random, 0.0, time.perf_counter() - start), "methods": {}}
     for name in methods or attr.METHODS:
         a = (maps or {}).get(name) or attr.attribute(name, model, images, normalization, target=labels, seed=seed,
                                                       **method_options.get(name, {}))
+        if not torch.equal(a.targets.cpu(), labels):
+            raise ValueError(f"the {name} maps given explain other classes than the labels: the table tracks "
+                             "the true class, so its maps must explain it (attribute(..., target='true'))")
         start = time.perf_counter()
         curves = curves_of(a.maps)
         row = _summary(curves, a.seconds, time.perf_counter() - start)
