@@ -199,8 +199,9 @@ def _draw_bins(ax, ax_count, b: ReliabilityBins, title: str) -> None:
     filled = np.asarray(b.count) > 0
     ax.bar(centers[filled], acc[filled], width[filled], color="tab:blue", edgecolor="black", label="accuracy")
     gap_lo = np.minimum(acc, conf)[filled]
-    ax.bar(centers[filled], np.abs(acc - conf)[filled], width[filled], bottom=gap_lo, color="tab:red",
-           alpha=0.35, edgecolor="tab:red", label="gap to confidence")
+    # hatched, unfilled: the gap stays visible whether it lies above the bar (over-confident) or inside it
+    ax.bar(centers[filled], np.abs(acc - conf)[filled], width[filled], bottom=gap_lo, color="none",
+           hatch="///", edgecolor="tab:red", linewidth=0.8, label="gap to mean confidence")
     ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
