@@ -72,12 +72,14 @@ def test_integrated_gradients_completeness_on_the_exercise_net():
     torch.manual_seed(0)
     net = cifarlab.build_model("exercise")
     images = random_images(3, seed=2)
-    a = attr.attribute("integrated_gradients", net, images, NORM, steps=64)
     net.eval()
-    with torch.no_grad():
-        logits = net(NORM(images)).gather(1, a.targets[:, None])[:, 0]
-        base = net(NORM(torch.zeros_like(images))).gather(1, a.targets[:, None])[:, 0]
-    torch.testing.assert_close(a.maps.sum((1, 2)), logits - base, rtol=0.05, atol=0.02)
+    mean = images.double().mean((0, 2, 3)).float().view(1, 3, 1, 1).expand(images.shape)
+    for baseline, base_image in (("black", torch.zeros(images.shape)), ("mean", mean)):
+        a = attr.attribute("integrated_gradients", net, images, NORM, steps=64, baseline=baseline)
+        with torch.no_grad():
+            logits = net(NORM(images)).gather(1, a.targets[:, None])[:, 0]
+            base = net(NORM(base_image)).gather(1, a.targets[:, None])[:, 0]
+        torch.testing.assert_close(a.maps.sum((1, 2)), logits - base, rtol=0.05, atol=0.02)
 
 
 def _gradcam_pp_by_hand(acts, grads):

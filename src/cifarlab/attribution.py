@@ -16,9 +16,13 @@ Methods (``METHODS``; adding one is one entry there):
                    abs) is the form whose maps Smilkov et al. show; it never cancels opposite signs.
 ``integrated_gradients``  Captum ``IntegratedGradients``, ``steps`` Gauss-Legendre points, from a
                    baseline image to the input; the map is the sum over channels (signed: by
-                   completeness the pixel maps sum to logit(x) - logit(baseline)). Baseline ``"black"``
-                   (Sundararajan et al.'s choice for images; default) or ``"mean"`` (the images' mean
-                   colour), both normalized like the input.
+                   completeness the pixel maps sum to logit(x) - logit(baseline)). Baseline ``"mean"``
+                   (the images' mean colour; default) or ``"black"`` (Sundararajan et al.'s choice),
+                   both normalized like the input. IG explains the change from its baseline, so it is
+                   only faithful under deletion to the same colour: on a briefly trained exercise net
+                   (150 test images, deletion to the mean colour) a black baseline scored no better
+                   than random (deletion AUC 0.210 vs 0.208) and the mean one best of all (0.134);
+                   with deletion to black it was the reverse. The mean matches the default deletion.
 ``occlusion``      Captum ``Occlusion``: slide a square of the baseline colour (``"mean"`` colour by
                    default: "grey it out" without adding an edge of a colour absent from the data)
                    over the image; a pixel's value is the mean drop of the logit over the windows that
@@ -101,7 +105,7 @@ def smoothgrad(x: torch.Tensor, targets: torch.Tensor, ctx: Context) -> torch.Te
 def integrated_gradients(x: torch.Tensor, targets: torch.Tensor, ctx: Context) -> torch.Tensor:
     from captum.attr import IntegratedGradients
 
-    baseline = ctx.baseline_colour[ctx.options.get("baseline", "black")].expand_as(x)
+    baseline = ctx.baseline_colour[ctx.options.get("baseline", "mean")].expand_as(x)
     steps = int(ctx.options.get("steps", 32))
     attr = IntegratedGradients(ctx.model).attribute(
         x, baselines=baseline, target=targets, n_steps=steps, internal_batch_size=max(steps, 256))
@@ -292,7 +296,7 @@ def attribute(method: str, model: nn.Module, images: torch.Tensor, normalization
     ``target``: "predicted", "true" (with ``labels``) or class indices. ``layer``: for Grad-CAM(++), a
     module or a name from ``model.named_modules()`` (default :func:`last_conv_layer`). ``options`` go to
     the method: smoothgrad ``samples`` (16), ``noise`` (0.15); integrated_gradients ``steps`` (32),
-    ``baseline`` ("black"); occlusion ``window``, ``stride``, ``baseline`` ("mean").
+    ``baseline`` ("mean"); occlusion ``window``, ``stride``, ``baseline`` ("mean").
     """
     if method not in METHODS:
         raise ValueError(f"unknown attribution method {method!r}: use one of {', '.join(METHODS)}")
