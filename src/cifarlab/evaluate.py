@@ -117,6 +117,21 @@ class Evaluation:
         cm = self.confusion
         return {c: float(cm[i, i] / max(cm[i].sum(), 1)) for i, c in enumerate(self.classes)}
 
+    @property
+    def per_class_quality(self) -> dict[str, dict]:
+        """Per class: precision (of the images predicted as it, the share that are it), recall (= its
+        accuracy), F1 (their harmonic mean; 0 when both are 0) and support (its test images)."""
+        cm = self.confusion.astype(np.float64)
+        tp, predicted, actual = np.diag(cm), cm.sum(0), cm.sum(1)
+        out = {}
+        for i, c in enumerate(self.classes):
+            precision = tp[i] / predicted[i] if predicted[i] else 0.0
+            recall = tp[i] / actual[i] if actual[i] else 0.0
+            f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+            out[c] = {"precision": float(precision), "recall": float(recall), "f1": float(f1),
+                      "support": int(actual[i])}
+        return out
+
     def most_confused(self, k: int = 10) -> list[dict]:
         """The k (true, predicted) pairs of different classes with the most images (fastai's most_confused)."""
         cm = self.confusion.copy()
@@ -141,6 +156,8 @@ class Evaluation:
             "classes": list(self.classes),
             "confusion_matrix": self.confusion.tolist(),
             "confusion_matrix_axes": "rows: true class, columns: predicted class",
+            "per_class": self.per_class_quality,
+            "macro_f1": float(np.mean([q["f1"] for q in self.per_class_quality.values()])) if self.classes else 0.0,
             "most_confused": self.most_confused(),
         }
 

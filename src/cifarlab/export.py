@@ -6,9 +6,10 @@ The ONNX model's contract (also stored in the file's metadata and doc string):
   values exactly as in the image (not divided by 255, not normalized; the checkpoint's normalization is
   the first operation of the graph);
 * output ``logits``: float32 (N, num_classes);
-* output ``probabilities``: float32 (N, num_classes), the softmax of the logits;
+* output ``probabilities``: float32 (N, num_classes), ``softmax(logits / T)`` with the checkpoint's
+  temperature T (fitted on held-out training images; 1 when the checkpoint has none);
 * metadata ``cifarlab.classes`` (JSON list, index = class id), ``cifarlab.normalization``,
-  ``cifarlab.architecture``.
+  ``cifarlab.architecture``, ``cifarlab.temperature`` (T, and ``cifarlab.calibration``: where it was fitted).
 
 Images of another size must first be brought to that size as ``cifarlab.images.load_image`` does. The graph
 is the plain model in eval mode (dropout off, batchnorm running statistics); flip test-time augmentation
@@ -30,6 +31,7 @@ from .checkpoints import Checkpoint, load_checkpoint
 from .errors import CifarlabError
 from .evaluate import predict_logits
 from .fsutil import atomic_write_bytes
+from .temperature import checkpoint_temperature
 from .transforms import Normalization
 
 INPUT_NAME = "pixels"
@@ -39,20 +41,23 @@ VERIFY_TOLERANCE = 1e-3  # max |logit difference| on random pixels accepted at e
 
 
 class PixelsModel(nn.Module):
-    """``model(normalization(pixels))`` and its softmax.
+    """``model(normalization(pixels))`` and its softmax at ``temperature``.
 
     Calls the checkpoint's :class:`Normalization` itself, so the traced graph holds exactly PyTorch's
     normalization arithmetic (its per-channel constants become graph constants).
     """
 
-    def __init__(self, model: nn.Module, normalization: Normalization):
+    def __init__(self, model: nn.Module, normalization: Normalization, temperature: float = 1.0):
         super().__init__()
         self.model = model
         self.normalization = normalization
+        self.temperature = float(temperature)
 
     def forward(self, pixels: torch.Tensor):
         logits = self.model(self.normalization(pixels))
-        return logits, torch.softmax(logits, dim=1)
+        if self.temperature == 1.0:
+            return logits, torch.softmax(logits, dim=1)
+        return logits, torch.softmax(logits / self.temperature, dim=1)
 
 
 def _require_onnx():
@@ -74,7 +79,8 @@ def onnx_bytes(ckpt: Checkpoint, opset: int = DEFAULT_OPSET) -> bytes:
     """The checkpoint's model as a serialized ONNX model (see the module docstring for its contract)."""
     onnx = _require_onnx()
     normalization = Normalization.from_dict(ckpt.meta["normalization"])
-    wrapped = PixelsModel(ckpt.model.float().cpu().eval(), normalization).eval()
+    wrapped = PixelsModel(ckpt.model.float().cpu().eval(), normalization,
+                          checkpoint_temperature(ckpt.meta) or 1.0).eval()
     example = torch.full((1, *input_shape(ckpt)), 127.0)
     buffer = io.BytesIO()
     batch = {0: "batch"}
@@ -104,12 +110,16 @@ def _describe(proto, ckpt: Checkpoint, normalization: Normalization) -> None:
     proto.graph.name = arch
     proto.doc_string = (f"cifarlab {arch}: input '{INPUT_NAME}' float32 (N, {shape}) RGB NCHW raw 0..255 "
                         f"pixels (normalization is inside); outputs 'logits' and 'probabilities' (N, "
-                        f"{len(ckpt.meta['classes'])}); classes in metadata 'cifarlab.classes'.")
+                        f"{len(ckpt.meta['classes'])}), probabilities = softmax(logits / T) with T in metadata "
+                        f"'cifarlab.temperature'; classes in metadata 'cifarlab.classes'.")
     meta = {"cifarlab.classes": json.dumps(list(ckpt.meta["classes"])),
             "cifarlab.normalization": json.dumps(normalization.to_dict()),
             "cifarlab.architecture": arch,
             "cifarlab.input": f"{INPUT_NAME}: float32 (N, {shape}), RGB, 0..255",
-            "cifarlab.weights_sha256": str(ckpt.meta.get("weights_sha256", ""))}
+            "cifarlab.weights_sha256": str(ckpt.meta.get("weights_sha256", "")),
+            "cifarlab.temperature": repr(checkpoint_temperature(ckpt.meta) or 1.0),
+            "cifarlab.calibration": json.dumps(ckpt.meta.get("calibration")
+                                               or {"temperature": None, "note": "probabilities: plain softmax"})}
     for key, value in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value

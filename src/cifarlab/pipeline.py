@@ -47,6 +47,7 @@ def evaluate_to_folder(ckpt: Checkpoint, data: Dataset, out_dir: str | Path, see
     results["dataset"] = data.spec or data.name
     results["shift"] = [dict(accuracy_gap(ev, _evaluate_on(ckpt, other, normalization, tta, device)),
                              dataset=other.spec or other.name) for other in shifted]
+    results["calibration"], reliability = calibration_results(ev, ckpt.meta, out_dir / "reliability.png")
     results["worst_mistakes"] = [
         {"index": int(i), "true": data.classes[ev.labels[i]], "predicted": data.classes[ev.predictions[i]],
          "score": float(ev.probabilities[i, ev.predictions[i]])} for i in worst_idx]
@@ -58,12 +59,38 @@ def evaluate_to_folder(ckpt: Checkpoint, data: Dataset, out_dir: str | Path, see
                                             "Random test images: prediction / score / truth"),
         "worst_mistakes": plots.prediction_gallery(data.test.images, ev, worst_idx, out_dir / "worst_mistakes.png",
                                                    "Most confident mistakes"),
+        "reliability": reliability,
     }
     atomic_write_json(out_dir / "confusion_matrix.json", {"classes": list(data.classes),
                                                           "rows": "true class", "columns": "predicted class",
                                                           "counts": ev.confusion.tolist()})
     atomic_write_json(files["results"], results)
     return ev, {k: str(v) for k, v in files.items()}
+
+
+def calibration_results(ev: Evaluation, meta: dict, png: Path) -> tuple[dict, Path]:
+    """ECE (15 equal-width bins), MCE, NLL and Brier on the test set, before and (when the checkpoint
+    stores a temperature, fitted on held-out training images) after temperature scaling; the reliability
+    diagram(s) as one PNG."""
+    from .calibration import calibration_metrics, reliability_bins, reliability_diagram
+    from .temperature import checkpoint_temperature
+
+    t = checkpoint_temperature(meta)
+    out = {"n_bins": 15, "evaluated_on": "test set", "before": calibration_metrics(ev.logits, ev.labels),
+           "reliability_before": reliability_bins(ev.logits, ev.labels).to_dict(), "temperature": t}
+    bins, titles = [reliability_bins(ev.logits, ev.labels)], ["before temperature scaling" if t else "softmax"]
+    if t is not None:
+        stored = meta["calibration"]
+        out["after"] = calibration_metrics(ev.logits, ev.labels, temperature=t)
+        out["reliability_after"] = reliability_bins(ev.logits, ev.labels, temperature=t).to_dict()
+        out["fitted_on"] = stored.get("fitted_on")
+        out["fit"] = {k: v for k, v in stored.items() if k not in ("temperature", "fitted_on")}
+        bins.append(reliability_bins(ev.logits, ev.labels, temperature=t))
+        titles.append(f"after T = {t:.2f}")
+    else:
+        out["fitted_on"] = None
+        out["note"] = "no temperature in the checkpoint: train with --val-split N, or run cifarlab calibrate RUN"
+    return out, reliability_diagram(bins, png, titles)
 
 
 def _evaluate_on(ckpt: Checkpoint, data: Dataset, normalization: Normalization, tta: int, device) -> Evaluation:
@@ -84,6 +111,15 @@ def results_summary(results: dict) -> str:
         ranked = sorted(results["per_class_accuracy"].items(), key=lambda kv: kv[1])
         lines += ["  worst: " + ", ".join(f"{n} {100 * a:.1f}%" for n, a in ranked[:5]),
                   "  best:  " + ", ".join(f"{n} {100 * a:.1f}%" for n, a in ranked[-5:])]
+    cal = results.get("calibration")
+    if cal:
+        b, a = cal["before"], cal.get("after")
+        arrow = (lambda k, f: f"{f(b[k])} -> {f(a[k])}") if a else (lambda k, f: f(b[k]))  # noqa: E731
+        pct, num = (lambda v: f"{100 * v:.2f}%"), (lambda v: f"{v:.4f}")  # noqa: E731
+        lines.append(f"Calibration ({cal['n_bins']} bins): ECE {arrow('ece', pct)}, NLL {arrow('nll', num)}, "
+                     f"Brier {arrow('brier', num)}"
+                     + (f" (temperature {cal['temperature']:.3f}, fitted on {cal['fitted_on']})" if a
+                        else " (no temperature: train with --val-split N or run cifarlab calibrate)"))
     for s in results.get("shift", []):
         lo, hi = s["accuracy_ci95"]
         glo, ghi = s["gap_ci95"]

@@ -2,7 +2,9 @@
 
 Each file goes through :func:`cifarlab.images.load_image` (EXIF-upright, RGB on white, center square,
 Lanczos to the checkpoint's image size, 32x32 for CIFAR), then the checkpoint's own normalization, then the model; probabilities are the
-softmax of the logits (the exercise's last layer). A file that cannot be read is reported by name and
+softmax of the logits (the exercise's last layer), divided first by the checkpoint's temperature when it
+stores one (``cifarlab calibrate``, or training with ``--val-split``): ``softmax(logits / T)``. The
+ranking, so the top-1 class, is the same with or without it. A file that cannot be read is reported by name and
 the others are still predicted; the exit status is then 2.
 """
 from __future__ import annotations
@@ -16,6 +18,8 @@ from .checkpoints import Checkpoint, load_checkpoint
 from .errors import ImageError
 from .evaluate import checkpoint_tta, predict_logits
 from .images import load_image
+from .temperature import checkpoint_temperature
+from .temperature import probabilities as temperature_probabilities
 from .transforms import Normalization
 
 
@@ -28,7 +32,7 @@ def predict_images(ckpt: Checkpoint, images: torch.Tensor, top_k: int = 3, tta: 
     normalization = Normalization.from_dict(ckpt.meta["normalization"])
     model = ckpt.model.to(device) if device else ckpt.model
     logits = predict_logits(model, images, normalization, device=device, tta=tta)
-    probabilities = torch.softmax(logits.double(), dim=1)
+    probabilities = temperature_probabilities(logits, checkpoint_temperature(ckpt.meta))
     top = torch.topk(probabilities, min(top_k, len(classes)), dim=1)
     return [[{"class": classes[i], "probability": float(p)} for p, i in zip(ps.tolist(), idx.tolist())]
             for ps, idx in zip(top.values, top.indices)]

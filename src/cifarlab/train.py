@@ -421,6 +421,8 @@ class _Run:
         if self.dist.is_main and len(self.history) == recipe.epochs:
             meta = dict(self.base_meta, epoch=recipe.epochs, history=self.history, metrics=self.history[-1],
                         train_seconds=result.seconds)
+            if recipe.val_split:  # temperature scaling on the held-out training images, never the test set
+                meta["calibration"] = self._fit_temperature()
             ckpts.save_checkpoint(self.run_dir / "final", self.model, meta)
         return result
 
@@ -526,6 +528,18 @@ class _Run:
                 for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s"):
                     self.writer.add_scalar(key.replace("_", "/", 1), row[key], epoch + 1)
                 self.writer.flush()
+
+    def _fit_temperature(self) -> dict:
+        from .temperature import fit_on_logits
+
+        logits = predict_logits(self.model, self.val_split.images, self.normalization, device=self.device,
+                                tta=self.recipe.tta, channels_last=self.channels_last,
+                                precision=resolve_precision("auto", self.device, training=False))
+        entry = fit_on_logits(logits, self.val_split.labels, self.recipe.tta)
+        self.log(f"temperature {entry['temperature']:.3f} fitted on {entry['fitted_on']}: ECE "
+                 f"{100 * entry['ece_before']:.2f}% -> {100 * entry['ece_after']:.2f}%, NLL "
+                 f"{entry['nll_before']:.4f} -> {entry['nll_after']:.4f}")
+        return entry
 
     def _result(self) -> TrainResult:
         return TrainResult(run_dir=self.run_dir, model=self.model, history=self.history,
