@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import plots
+from . import explain, plots
 from .data.cifar10 import CIFAR10_MEAN
 from .errors import CifarlabError
 from .evaluate import predict_logits
@@ -618,7 +618,7 @@ class VisualizationResult:
 
 def render_all(ckpt, out_dir, data=None, method: str = "default", seed: int = 0, images=None,
                settings: StimulusSettings | None = None, also_exercise_classes: bool = True,
-               log=print, threads: int | None = 1) -> VisualizationResult:
+               log=print, threads: int | None = 1, explanations=None) -> VisualizationResult:
     """Stimuli of every layer, class stimuli with the grader check, filters, and (given test data)
     activation maps, saliency and Grad-CAM for test images ``images``; PNGs plus ``summary.json``."""
     out_dir = _prepare_out_dir(out_dir)
@@ -652,9 +652,14 @@ def render_all(ckpt, out_dir, data=None, method: str = "default", seed: int = 0,
     files["filters"] = str(plot_filters(first_layer_filters(model), out_dir / "filters.png"))
     if data is not None:
         files.update(_image_plots(model, normalization, data, images, out_dir))
+    explained = {}
+    if data is not None:  # attribution methods, faithfulness, sanity check, dataset examples (explain.py)
+        explained_files, explained = explain.render(model, normalization, data, images, stimuli, out_dir,
+                                                    explanations, seed, log)
+        files.update(explained_files)
     atomic_write_json(out_dir / "summary.json", {
         "method": settings.method, "seed": seed, "settings": asdict(settings), "class_probabilities": probs,
-        "seconds": seconds, "files": files,
+        "seconds": seconds, "files": files, "explanations": explained,
         "note": "class_probabilities: p(class k | stimulus of class k), the uint8 stimulus re-normalized "
                 "with the checkpoint's normalization"})
     return VisualizationResult(out_dir, settings.method, files, probs, seconds)
