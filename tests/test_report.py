@@ -14,6 +14,12 @@ from cifarlab.cli import train as cli_train
 from cifarlab.data import CIFAR10
 
 SECTION_IDS = [sid for sid, _ in report.SECTIONS]
+NEW_SECTIONS = ["quality", "calibration", "shift", "explanations", "examples"]  # issue 12
+NEW_IMAGES = ["reliability diagram", "attribution maps of every method", "deletion and insertion curves",
+              "cascading randomization", "examples classes"]
+# few images and steps: the tests check the plumbing; the README gives the defaults' cost
+QUICK_EXPLAIN = ["--faithfulness-images", "12", "--faithfulness-steps", "4", "--sanity-images", "4",
+                 "--example-images", "300"]
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 
@@ -36,7 +42,7 @@ def cli_run(cifar, tmp_path_factory):
         mp.setattr(cli_train, "load_data", lambda args, **kwargs: small)
         mp.setattr(visualize.StimulusSettings, "for_method", staticmethod(_quick))
         rc = cli.main(["run", "--epochs", "1", "--batch-size", "64", "--runs-dir", str(runs), "--name", "r",
-                       "--no-progress", "--threads", "2"])
+                       "--no-progress", "--threads", "2", "--val-split", "200", *QUICK_EXPLAIN])
     assert rc == 0
     return runs / "r"
 
@@ -52,7 +58,16 @@ def test_run_writes_a_self_contained_report(cli_run):
     assert "Total params: 1,084,234" in page
     results = json.loads((cli_run / "eval" / "results.json").read_text())
     assert f"{100 * results['accuracy']:.2f}%" in page
+    for key in ("precision", "recall", "f1"):
+        assert all(key in q for q in results["per_class"].values())
+    assert results["calibration"]["after"]["ece"] >= 0 and results["calibration"]["temperature"] > 0
+    assert "Per-class quality" in page and "Brier score" in page
     summary = json.loads((cli_run / "visualize" / "summary.json").read_text())
+    explained = summary["explanations"]
+    assert explained["faithfulness"]["settings"] == dict(explained["faithfulness"]["settings"], n=12, steps=4)
+    assert set(explained["faithfulness"]["methods"]) == set(explained["sanity"]["methods"]) == set(
+        explained["settings"]["methods"])
+    assert explained["examples"]["images"] == 300
     for method, probs in summary["class_probabilities"].items():
         assert f"{min(probs.values()):.3f}" in page
 
@@ -111,6 +126,18 @@ def test_report_renders_in_a_browser(cli_run, tmp_path):
         assert not broken, f"images that did not decode: {broken}"
         present = driver.execute_script("return Array.from(document.querySelectorAll('section')).map(s => s.id)")
         assert present == SECTION_IDS
+        assert all(sid in present for sid in NEW_SECTIONS)
+        nav = driver.execute_script("return Array.from(document.querySelectorAll('nav a')).map(a => a.hash)")
+        assert all(f"#{sid}" in nav for sid in NEW_SECTIONS)
+        decoded = {alt for alt, complete, w, h in images if complete and w > 0 and h > 0}
+        for alt in NEW_IMAGES:
+            assert alt in decoded, alt
+        assert any(alt.startswith("examples ") and alt != "examples classes" for alt in decoded)  # a conv layer
+        calibration = driver.find_element("id", "calibration").text
+        assert "after (T = " in calibration and "200 held-out training images" in calibration
+        attributions = driver.find_element("id", "explanations").text
+        for method in ("saliency", "smoothgrad", "integrated gradients", "occlusion", "grad cam", "grad cam pp"):
+            assert method in attributions
         for sid in SECTION_IDS:  # every section shows something
             height = driver.execute_script(f"return document.getElementById('{sid}').offsetHeight")
             assert height > 40, sid

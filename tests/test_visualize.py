@@ -159,14 +159,20 @@ def test_filters_activations_saliency_gradcam(net, cifar):
 def test_cli_writes_pngs_and_summary(trained_run, data_dir, tmp_path, capsys):
     out = tmp_path / "vis"
     rc = cli.main(["visualize", str(trained_run), "--steps", "4", "--seed", "1", "--out", str(out),
-                   "--images", "3", "9", "--data-dir", str(data_dir)])
+                   "--images", "3", "9", "--data-dir", str(data_dir), "--faithfulness-images", "8",
+                   "--faithfulness-steps", "4", "--sanity-images", "3", "--example-images", "100"])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["class_probabilities"]) == {"default", "exercise"}
     names = {p.name for p in out.glob("*.png")}
     assert names == {"stimuli_leaky_re_lu_1.png", "stimuli_leaky_re_lu_2.png", "stimuli_leaky_re_lu_3.png",
                      "stimuli_leaky_re_lu_4.png", "classes_default.png", "classes_exercise.png", "filters.png",
-                     "saliency_gradcam.png", "activations.png"}
+                     "saliency_gradcam.png", "activations.png", "attribution_methods.png", "faithfulness.png",
+                     "sanity.png", "examples_leaky_re_lu_1.png", "examples_leaky_re_lu_2.png",
+                     "examples_leaky_re_lu_3.png", "examples_leaky_re_lu_4.png", "examples_classes.png"}
+    explained = summary["explanations"]
+    assert explained["maps"]["images"] == [3, 9] and explained["examples"]["images"] == 100
+    assert explained == json.loads((out / "explanations.json").read_text())
     for path in out.glob("*.png"):
         with Image.open(path) as im:
             assert im.width > 100 and im.height > 50
@@ -209,7 +215,7 @@ def test_airbench_style_net(cifar, tmp_path):
     meta = {"normalization": Normalization.named("standard").to_dict(), "classes": cifar.classes}
     ckpt = SimpleNamespace(model=model, path=tmp_path, meta=meta)
     result = V.render_all(ckpt, tmp_path / "vis", data=cifar, settings=V.StimulusSettings(steps=2), images=[0],
-                          log=lambda *a: None)
+                          log=lambda *a: None, explanations=False)
     assert len([f for f in result.files if f.startswith("stimuli_")]) == 6
     assert all(Path(f).exists() for f in result.files.values())
 

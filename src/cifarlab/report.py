@@ -26,13 +26,15 @@ from .models import summary
 
 SECTIONS = [
     ("overview", "Overview"), ("results", "Final numbers"), ("curves", "Training curves"),
-    ("confusion", "Confusion matrix"), ("per-class", "Per-class accuracy"), ("gallery", "Predictions"),
+    ("confusion", "Confusion matrix"), ("per-class", "Per-class accuracy"), ("quality", "Per-class quality"),
+    ("calibration", "Calibration"), ("shift", "Distribution shift"), ("gallery", "Predictions"),
     ("mistakes", "Worst mistakes"), ("stimuli", "Maximum stimuli per layer"), ("classes", "Class stimuli"),
     ("filters", "First-layer filters"), ("activations", "Activation maps"),
-    ("attributions", "Saliency and Grad-CAM"), ("model", "Model summary"), ("recipe", "Recipe"),
+    ("attributions", "Saliency and Grad-CAM"), ("explanations", "Attributions"),
+    ("examples", "Dataset examples"), ("model", "Model summary"), ("recipe", "Recipe"),
 ]
 
-EVAL_PNGS = ("confusion_matrix.png", "per_class_accuracy.png", "gallery.png", "worst_mistakes.png")
+EVAL_PNGS = ("confusion_matrix.png", "per_class_accuracy.png", "gallery.png", "worst_mistakes.png", "reliability.png")
 
 
 
@@ -208,12 +210,82 @@ def _numbers_sections(run_dir: Path, ckpt, results: dict, curves) -> list[str]:
                     if confused else "")),
         _section("per-class", _img(eval_dir / "per_class_accuracy.png", "per-class accuracy")
                  + _table(["class (worst first)", "test accuracy"], per_class)),
+        _section("quality", _quality_table(results),
+                 "Precision: of the test images predicted as the class, the share that are it. Recall: of the "
+                 "class's test images, the share predicted as it (its accuracy). F1: their harmonic mean."),
+        _calibration_section(eval_dir, results),
+        _shift_section(results),
         _section("gallery", _img(eval_dir / "gallery.png", "random test predictions"),
                  "Random test images with the predicted class, its probability and the true class."),
         _section("mistakes", _img(eval_dir / "worst_mistakes.png", "most confident mistakes")
                  + _table(["test index", "true", "predicted", "probability"], mistakes, 3),
                  "The wrong predictions the net was most sure of."),
     ]
+
+
+def _quality_table(results: dict) -> str:
+    quality = results.get("per_class")
+    if not quality:
+        return '<p class="missing">Not in this results.json (evaluated by an older cifarlab): re-run cifarlab evaluate.</p>'
+    names = list(quality)
+    many = len(names) > 20
+    if many:  # with many classes the table is read from the top for what fails
+        names.sort(key=lambda c: quality[c]["f1"])
+    rows = [[c, _pct(quality[c]["precision"]), _pct(quality[c]["recall"]), f"{quality[c]['f1']:.3f}",
+             quality[c]["support"]] for c in names]
+    macro = results.get("macro_f1")
+    note = f"<p>Macro-averaged F1: {macro:.3f}.</p>" if macro is not None else ""
+    return note + _table([f"class{' (worst F1 first)' if many else ''}", "precision", "recall", "F1",
+                          "test images"], rows)
+
+
+def _calibration_section(eval_dir: Path, results: dict) -> str:
+    cal = results.get("calibration")
+    if not cal:
+        return _section("calibration", '<p class="missing">Not in this results.json (evaluated by an older '
+                                       'cifarlab): re-run cifarlab evaluate.</p>')
+    before, after = cal["before"], cal.get("after")
+    metrics = [("ECE (expected calibration error)", "ece", _pct), ("MCE (worst bin)", "mce", _pct),
+               ("NLL (nats)", "nll", lambda v: f"{v:.4f}"), ("Brier score (sum over classes)", "brier",
+                                                             lambda v: f"{v:.4f}"),
+               ("accuracy", "accuracy", _pct)]
+    header = ["metric (test set)", "softmax" if not after else "before (T = 1)"]
+    if after:
+        header.append(f"after (T = {cal['temperature']:.3f})")
+    rows = [[label] + [fmt(before[key])] + ([fmt(after[key])] if after else []) for label, key, fmt in metrics]
+    if after:
+        where = (f"The temperature T = {cal['temperature']:.3f} was fitted on {_esc(cal.get('fitted_on'))} "
+                 "(the run's --val-split hold-out, never the test set) by minimizing their NLL; dividing the "
+                 "logits by T leaves every prediction, so the accuracy, unchanged.")
+    else:
+        where = ("This checkpoint stores no temperature: train with --val-split N, or run "
+                 "<code>cifarlab calibrate RUN</code> on a run that has one, to fit it on held-out training images.")
+    intro = (f"Are the probabilities honest? ECE: the confidences (maximum probability) in {cal['n_bins']} "
+             "equal-width bins, the mean |accuracy - confidence| weighted by bin size (Guo et al. 2017). "
+             "Brier: the squared distance of the probability vector to the one-hot label, summed over classes "
+             "(0..2). " + where)
+    return _section("calibration", _img(eval_dir / "reliability.png", "reliability diagram") + _table(header, rows),
+                    intro)
+
+
+def _shift_section(results: dict) -> str:
+    shift = results.get("shift") or []
+    if not shift:
+        return _section("shift", "<p>No shifted test set was evaluated. <code>cifarlab evaluate RUN --on "
+                                 "cifar10.1</code> adds CIFAR-10.1 (2,000 new test images, Recht et al. 2018) and "
+                                 "reports the accuracy gap here.</p>")
+    rows = []
+    for s in shift:
+        lo, hi = s["accuracy_ci95"]
+        rlo, rhi = s["reference_ci95"]
+        glo, ghi = s["gap_ci95"]
+        rows.append([s.get("dataset", "?"), f"{s['num_images']:,}", f"{_pct(s['accuracy'])} ({100 * lo:.1f}-{100 * hi:.1f})",
+                     f"{_pct(s['reference_accuracy'])} ({100 * rlo:.1f}-{100 * rhi:.1f})",
+                     f"{100 * s['gap']:+.2f} ({100 * glo:+.1f} to {100 * ghi:+.1f})"])
+    return _section("shift", _table(["test set", "images", "accuracy (95% CI)", "original test accuracy (95% CI)",
+                                     "gap, points (95% CI)"], rows),
+                    "Does the accuracy hold on new images of the same classes? Intervals: Wilson for each "
+                    "accuracy, normal approximation for the gap (original minus shifted).")
 
 
 CLASS_INTRO = (
@@ -246,6 +318,92 @@ def _visual_sections(vis) -> list[str]:
     ]
 
 
+def _explanation_sections(vis) -> list[str]:
+    """Every attribution method's maps, their faithfulness and sanity numbers, dataset examples."""
+    summary_path = Path(vis.out_dir) / "summary.json"
+    try:
+        explained = json.loads(summary_path.read_text(encoding="utf-8")).get("explanations") or {}
+    except (OSError, ValueError):
+        explained = {}
+    if not explained.get("enabled"):
+        off = '<p class="missing">Not rendered (cifarlab visualize --no-explanations, or no test data).</p>'
+        return [_section("explanations", off), _section("examples", off)]
+    files = explained.get("files", {})
+    faith = explained.get("faithfulness") or {}
+    sanity = explained.get("sanity") or {}
+    maps_seconds = (explained.get("maps") or {}).get("seconds", {})
+    methods = list(explained["settings"]["methods"])
+    rows, verdicts = [], []
+    random = faith.get("random")
+    for m in methods:
+        f = (faith.get("methods") or {}).get(m)
+        s = (sanity.get("methods") or {}).get(m)
+        seconds = maps_seconds.get(m, 0.0) + (f["seconds_maps"] + f["seconds_curves"] if f else 0.0)
+        row = [m.replace("_", " ")]
+        if f:
+            gain_d, gain_i = f["vs_random"]["deletion"]["mean_gain"], f["vs_random"]["insertion"]["mean_gain"]
+            row += [f"{f['deletion_auc']:.3f} ± {f['deletion_auc_sem']:.3f}",
+                    f"{f['insertion_auc']:.3f} ± {f['insertion_auc_sem']:.3f}",
+                    f"{random['deletion_auc']:.3f} / {random['insertion_auc']:.3f}",
+                    f"{gain_d:+.3f} / {gain_i:+.3f}"]
+            if not _beats_random(f):
+                verdicts.append(f"{m.replace('_', ' ')} is no better than random here: its deletion and insertion "
+                                "AUCs do not beat a random pixel order by two standard errors.")
+        else:
+            row += ["-"] * 4
+        if s:
+            row.append(f"{s['final']:.2f}" + (" (flagged)" if s["flagged"] else ""))
+            if s["flagged"]:
+                verdicts.append(f"{m.replace('_', ' ')} fails the sanity check: with every layer re-initialized its "
+                                f"maps still correlate {s['final']:.2f} (Spearman) with the trained net's, so they "
+                                "show the image more than what the net learned.")
+        else:
+            row.append("-")
+        row.append(f"{seconds:.1f}")
+        rows.append(row)
+    table = _table(["method", "deletion AUC (lower better)", "insertion AUC (higher better)",
+                    "random: deletion / insertion", "gain vs random: deletion / insertion",
+                    "sanity: Spearman, all layers random", "seconds"], rows)
+    ranked = sorted(((f["insertion_auc"] - f["deletion_auc"], m) for m, f in (faith.get("methods") or {}).items()),
+                    reverse=True)
+    if ranked:
+        verdicts.insert(0, f"Most faithful here (insertion minus deletion AUC): {ranked[0][1].replace('_', ' ')} "
+                           f"({ranked[0][0]:.3f}; random {random['insertion_auc'] - random['deletion_auc']:.3f}).")
+    fs = faith.get("settings") or {}
+    intro = ("The maps of every method for the predicted class on the same test images, the colour scale fixed "
+             "across the images of each method. Faithfulness (Petsiuk et al. 2018): pixels removed (to the mean "
+             "colour) or inserted (into a blurred copy) in the order of the map, explaining the true class; the "
+             f"area under the true-class probability curve on {fs.get('n', 0)} test images, {fs.get('steps', 0)} "
+             "steps, ± one standard error. Sanity check (Adebayo et al. 2018): Spearman correlation between the "
+             f"maps of the trained net and of the net with every layer re-initialized, on {sanity.get('n', 0)} "
+             f"images; above {sanity.get('threshold', 0.5)} is flagged. Seconds: maps, curves and sanity check.")
+    body = (_img(files.get("attribution_methods"), "attribution maps of every method") + table
+            + "".join(f"<p><strong>{_esc(v)}</strong></p>" for v in verdicts)
+            + (_img(files.get("faithfulness"), "deletion and insertion curves") if "faithfulness" in files else "")
+            + (_img(files.get("sanity"), "cascading randomization") if "sanity" in files else ""))
+    examples = explained.get("examples") or {}
+    ex_rows = [[layer, len(e["channels"]), f"{e['median_ratio']:.2f}" if e["median_ratio"] is not None else "n/a",
+                e["above_best_real"]] for layer, e in (examples.get("layers") or {}).items()]
+    ex_body = "".join(f"<h3>{_esc(key[len('examples_'):])}</h3>" + _img(path, key.replace("_", " ", 1))
+                      for key, path in files.items() if key.startswith("examples_"))
+    if ex_rows:
+        ex_body = _table(["layer", "channels", "median ratio stimulus / best image", "channels above 1"],
+                         ex_rows) + ex_body
+    else:
+        ex_body = '<p class="missing">Not rendered (--example-images 0).</p>'
+    ex_intro = (f"For every conv channel and every class: its maximum stimulus, then the {examples.get('k', 9)} test "
+                f"images (of {examples.get('images', 0):,}) that activate it most (channel mean over space; the logit "
+                "for a class). The number is the stimulus's activation over the best real image's: above 1, the "
+                "stimulus drives the channel harder than any test image.")
+    return [_section("explanations", body, intro), _section("examples", ex_body, ex_intro)]
+
+
+def _beats_random(row: dict) -> bool:
+    from .explain import beats_random
+
+    return beats_random(row)
+
+
 def _model_sections(ckpt) -> list[str]:
     recipe = ckpt.meta.get("recipe", {})
     recipe_html = (_table(["setting", "value"], [[k, v] for k, v in recipe.items()]) if recipe
@@ -265,7 +423,8 @@ def _page(title: str, subtitle: str, sections: list[str]) -> str:
 def _html(run_dir: Path, ckpt, results: dict, curves, vis) -> str:
     subtitle = (f"{ckpt.meta.get('architecture', {}).get('name', '')} \u00b7 test accuracy "
                 f"{_pct(results['accuracy'])} \u00b7 generated {time.strftime('%Y-%m-%d %H:%M:%S')}")
-    sections = _numbers_sections(run_dir, ckpt, results, curves) + _visual_sections(vis) + _model_sections(ckpt)
+    sections = (_numbers_sections(run_dir, ckpt, results, curves) + _visual_sections(vis)
+                + _explanation_sections(vis) + _model_sections(ckpt))
     return _page(f"cifarlab report: {run_dir.resolve().name}", subtitle, sections)
 
 
@@ -274,11 +433,11 @@ def _html(run_dir: Path, ckpt, results: dict, curves, vis) -> str:
 
 
 def build_report(run_dir, ckpt=None, data=None, log=print, *, settings=None, seed: int | None = None,
-                 images=None) -> Path:
+                 images=None, explanations=None) -> Path:
     """Write ``run_dir/report.html`` and return its path.
 
     ``ckpt`` defaults to the run's final (else newest good) checkpoint, ``data`` to CIFAR-10 found the
-    usual way (no download). ``settings``/``seed``/``images`` go to :func:`cifarlab.visualize.render_all`.
+    usual way (no download). ``settings``/``seed``/``images``/``explanations`` go to :func:`cifarlab.visualize.render_all`.
     """
     from . import visualize
 
@@ -289,7 +448,7 @@ def build_report(run_dir, ckpt=None, data=None, log=print, *, settings=None, see
     if seed is None:
         seed = int(ckpt.meta.get("recipe", {}).get("seed", 0))
     vis = visualize.render_all(ckpt, run_dir / "visualize", data=data, seed=seed, images=images,
-                               settings=settings, log=log)
+                               settings=settings, log=log, explanations=explanations)
     path = run_dir / "report.html"
     atomic_write_text(path, _html(run_dir, ckpt, results, curves, vis))
     return path

@@ -16,6 +16,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=bounded_int(0, 2 ** 63 - 1), help="stimulus seed (default: the recipe's)")
     p.add_argument("--images", type=bounded_int(0, 10 ** 9), nargs="+", metavar="IDX",
                    help="test images for activation maps, saliency and Grad-CAM")
+    from .visualize import add_explain_args
+
+    add_explain_args(p)
     add_data_args(p, default_help="the data the run was trained on")
     p.set_defaults(func=run)
 
@@ -31,6 +34,9 @@ def run(args) -> int:
     ckpt = load_checkpoint(run_dir)
     data = load_data(args, stored=ckpt.meta.get("dataset"))
     settings = StimulusSettings.for_method(args.method, fft=args.fft or None)
-    path = build_report(run_dir, ckpt=ckpt, data=data, settings=settings, seed=args.seed, images=args.images)
+    from .visualize import explain_settings
+
+    path = build_report(run_dir, ckpt=ckpt, data=data, settings=settings, seed=args.seed, images=args.images,
+                        explanations=explain_settings(args))
     print(f"report: {path}")
     return 0

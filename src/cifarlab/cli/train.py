@@ -16,6 +16,9 @@ def register(sub) -> None:
     p = sub.add_parser("run", help="the main job: train, evaluate, visualize, report")
     add_train_args(p)
     p.add_argument("--no-visualize", action="store_true", help="skip stimuli and the HTML report")
+    from .visualize import add_explain_args
+
+    add_explain_args(p)
     p.set_defaults(func=lambda args: train_command(args, evaluate_after=True))
 
     p = sub.add_parser("train", help="train only (checkpoints, metrics.csv, training curves)")
@@ -121,7 +124,9 @@ def evaluate_and_report(args, run_dir: Path, data, seed: int, log) -> None:
     if not getattr(args, "no_visualize", False):
         from ..report import build_report
 
-        log(f"report: {build_report(run_dir, ckpt=ckpt, data=data, log=log)}")
+        from .visualize import explain_settings
+
+        log(f"report: {build_report(run_dir, ckpt=ckpt, data=data, log=log, explanations=explain_settings(args))}")
     log(f"\nEverything is in {run_dir}/:")
     for path in sorted(p for p in run_dir.rglob("*") if p.is_file() and "checkpoints" not in p.parts):
         log(f"  {path}")

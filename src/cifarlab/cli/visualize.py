@@ -1,4 +1,6 @@
-"""``cifarlab visualize``: maximum stimuli, filters, activation maps, saliency and Grad-CAM into PNGs."""
+"""``cifarlab visualize``: maximum stimuli, filters, activation maps, saliency and Grad-CAM into PNGs, and
+the explanations of :mod:`cifarlab.explain` (every attribution method, faithfulness, sanity check,
+dataset examples)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,8 +29,34 @@ def register(sub) -> None:
     p.add_argument("--images", type=bounded_int(0, 10 ** 9), nargs="+", metavar="IDX",
                    help=f"test-set images for activation maps, saliency and Grad-CAM (default: "
                         f"{' '.join(map(str, DEFAULT_IMAGES))})")
+    add_explain_args(p)
     add_data_args(p, default_help="the data the checkpoint was trained on")
     p.set_defaults(func=run)
+
+
+def add_explain_args(p) -> None:
+    from .. import explain
+
+    g = p.add_argument_group("explanations (attribution methods, faithfulness, sanity check, dataset examples)")
+    g.add_argument("--faithfulness-images", type=bounded_int(0, 10 ** 7), default=explain.FAITHFULNESS_IMAGES,
+                   metavar="N", help="test images for the deletion/insertion curves of every method (default: "
+                                     f"{explain.FAITHFULNESS_IMAGES}; 0: skip)")
+    g.add_argument("--faithfulness-steps", type=bounded_int(2, 1024), default=explain.FAITHFULNESS_STEPS,
+                   metavar="S", help=f"steps of each curve (default: {explain.FAITHFULNESS_STEPS})")
+    g.add_argument("--sanity-images", type=bounded_int(0, 10 ** 7), default=explain.SANITY_IMAGES, metavar="M",
+                   help=f"test images for the cascading-randomization sanity check (default: "
+                        f"{explain.SANITY_IMAGES}; 0: skip)")
+    g.add_argument("--example-images", type=bounded_int(0, 10 ** 9), default=None, metavar="K",
+                   help="the first K test images searched for each channel's top-9 (default: all; 0: skip)")
+    g.add_argument("--no-explanations", action="store_true", help="skip all of the above")
+
+
+def explain_settings(args):
+    from ..explain import ExplainSettings
+
+    return ExplainSettings(enabled=not args.no_explanations, faithfulness_images=args.faithfulness_images,
+                           faithfulness_steps=args.faithfulness_steps, sanity_images=args.sanity_images,
+                           example_images=args.example_images)
 
 
 def run(args) -> int:
@@ -41,6 +69,6 @@ def run(args) -> int:
     data = load_data(args, stored=ckpt.meta.get("dataset"))
     settings = StimulusSettings.for_method(args.method, steps=args.steps, fft=args.fft or None)
     result = render_all(ckpt, out, data=data, seed=args.seed, images=args.images, settings=settings,
-                        threads=args.threads or None)
+                        threads=args.threads or None, explanations=explain_settings(args))
     print(f"written to {result.out_dir}/: " + ", ".join(Path(f).name for f in result.files.values()))
     return 0
