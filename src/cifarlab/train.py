@@ -24,7 +24,8 @@ from .errors import CheckpointError, TrainingError
 from .evaluate import default_device, predict_logits
 from .fsutil import atomic_write_json, atomic_write_text
 from .models import Net, Whiten, get_declaration
-from .precision import autocast, resolve_precision  # noqa: F401 (resolve_precision re-exported)
+from .optimizers import make_muon
+from .precision import autocast, grad_scaler, resolve_precision  # noqa: F401 (resolve_precision re-exported)
 from .recipes import PRESETS, Recipe, recipe_from, saved_recipe  # noqa: F401 (re-exported)
 from .transforms import Augment, Normalization, alternating_flips
 
@@ -35,6 +36,8 @@ from .transforms import Augment, Normalization, alternating_flips
 
 def make_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
+    if recipe.optimizer == "muon":  # Muon on the conv filters, SGD on the rest (airbench94_muon)
+        return make_muon(recipe, model)
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(_sgd_groups(recipe, model), lr=recipe.lr, momentum=recipe.momentum,
                                nesterov=recipe.nesterov)
@@ -292,6 +295,7 @@ class _Run:
         self.images = self.train_split.images.to(device)
         self.labels = self.train_split.labels.to(device)
         self.autocast = autocast(device, precision)
+        self.scaler = grad_scaler(device, precision)  # fp16 only (GPUs before compute capability 8.0)
         self.history: list[dict] = []
         self.start_epoch, self.start_step, self.partial = 0, 0, {}
         self.writer = None
@@ -329,6 +333,8 @@ class _Run:
             self.lookahead.restore({k: ckpt.optimizer_tensors.pop(k) for k in list(ckpt.optimizer_tensors)
                                     if k.startswith(Lookahead.PREFIX)})
         _restore_optimizer(self.optimizer, ckpt.optimizer_tensors, ckpt.train_state["optimizer"])
+        if self.scaler is not None and ckpt.train_state.get("grad_scaler"):
+            self.scaler.load_state_dict(ckpt.train_state["grad_scaler"])
         torch.set_rng_state(ckpt.optimizer_tensors_rng)
         self.history = ckpt.meta.get("history", [])
         self.start_epoch, self.start_step = ckpt.train_state["epoch"], ckpt.train_state["step_in_epoch"]
@@ -388,6 +394,9 @@ class _Run:
         state = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
                  "optimizer": opt_info, "recipe": asdict(self.recipe), "world_size": self.dist.world,
                  "partial_epoch": partial or {}}
+        if self.scaler is not None:
+            state["grad_scaler"] = {k: float(v) if isinstance(v, torch.Tensor) else v
+                                    for k, v in self.scaler.state_dict().items()}
         path = ckpts.save_checkpoint(self.run_dir / ckpts.CKPT_DIR / ckpts.checkpoint_name(global_step), self.model,
                                      meta, train_state=state, optimizer_tensors=opt_tensors)
         ckpts.prune_checkpoints(self.run_dir, keep=self.keep_checkpoints)
@@ -492,8 +501,13 @@ class _Run:
             logits = self.train_model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=self.recipe.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:  # fp16: scaled loss, unscaled gradients, steps with inf/NaN gradients skipped
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         if self.lookahead is not None:
             self.lookahead.step(self.model, global_step)
         return loss, logits

@@ -24,6 +24,7 @@ def register(sub) -> None:
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
+    from ..precision import PRECISIONS
     from ..recipes import PRESETS
 
     g = p.add_argument_group("recipe (defaults come from --preset)")
@@ -37,8 +38,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--checkpoint-every", type=bounded_int(0, 10 ** 9), default=0,
                    help="also checkpoint every N steps (default: every epoch only)")
     r.add_argument("--compile", action="store_true", help="torch.compile the model (measure first: see bench/)")
-    r.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="bf16 autocast or fp32 (default auto: bf16 on CUDA and on CPUs with native bf16)")
+    r.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="bf16 or fp16 autocast (fp16 with a gradient scaler), or fp32 (default auto: bf16 on "
+                        "CUDA compute capability >= 8.0 and on CPUs with native bf16, fp16 on older GPUs, else fp32)")
     r.add_argument("--threads", type=bounded_int(1, 1024), help="CPU threads (default: all cores)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars (off anyway when stderr is "
                                                                "not a terminal)")
