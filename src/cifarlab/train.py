@@ -27,6 +27,7 @@ from .models import Net, Whiten, get_declaration
 from .optimizers import make_muon
 from .precision import autocast, grad_scaler, resolve_precision  # noqa: F401 (resolve_precision re-exported)
 from .recipes import PRESETS, Recipe, recipe_from, saved_recipe  # noqa: F401 (re-exported)
+from .threads import AdaptiveThreads
 from .transforms import Augment, Normalization, alternating_flips
 
 
@@ -240,12 +241,15 @@ class Lookahead:
 def train(recipe: Recipe, data: Dataset, run_dir: str | Path, device: str | torch.device | None = None,
           resume: bool = False, checkpoint_every: int = 0, keep_checkpoints: int = 2, progress: bool = True,
           compile: bool = False, channels_last: bool | None = None, log=print, max_steps: int | None = None,
-          tensorboard: bool = False, precision: str = "auto") -> TrainResult:
+          tensorboard: bool = False, precision: str = "auto", adaptive_threads: bool = False) -> TrainResult:
     """Train ``recipe`` on ``data``, writing checkpoints and metrics.csv into ``run_dir``.
 
     ``precision``: "fp32", "bf16" (autocast: bf16 matrix multiplies and convolutions, fp32 weights,
     optimizer and loss) or "auto": bf16 on CUDA and on CPUs with native bf16 arithmetic, else fp32.
     ``max_steps`` stops after that many optimizer steps in this call (for tests and benchmarks).
+    ``adaptive_threads``: on a CPU, in one process, pick the thread count by measuring (fewer threads when
+    other processes compete for the cores; see :mod:`cifarlab.threads`). Results then depend on the counts
+    used, in the last bits: leave it off where runs must be bitwise reproducible.
     """
     recipe.validate()
     device = torch.device(device) if device else default_device()
@@ -257,9 +261,16 @@ def train(recipe: Recipe, data: Dataset, run_dir: str | Path, device: str | torc
         run.resume()
     run.parallelize(compile)
     run.create_folder(tensorboard)
+    threads_before = torch.get_num_threads()
+    if adaptive_threads and device.type == "cpu" and run.dist.world == 1 and threads_before > 1:
+        run.threads = AdaptiveThreads(threads_before, log=log)
+        run.base_meta["threads"] = "adaptive"
     try:
         return run.loop(progress, checkpoint_every, max_steps)
     finally:
+        if run.threads is not None:
+            log(run.threads.describe())
+            torch.set_num_threads(threads_before)
         if run.writer is not None:
             run.writer.close()
 
@@ -303,7 +314,9 @@ class _Run:
             "architecture": self.model.declaration, "classes": list(data.classes), "dataset": data.describe(),
             "normalization": self.normalization.to_dict(), "recipe": asdict(recipe), "seed": recipe.seed,
             "val_source": self.val_source, "world_size": self.dist.world, "precision": precision,
+            "threads": torch.get_num_threads(),
         }
+        self.threads: AdaptiveThreads | None = None  # set by train() for adaptive_threads
 
     # -- set-up --------------------------------------------------------------------------------------
 
@@ -407,7 +420,7 @@ class _Run:
     def loop(self, progress: bool, checkpoint_every: int, max_steps: int | None) -> TrainResult:
         recipe = self.recipe
         self.log(f"training {self.model.declaration['name']} ({self.model.num_parameters():,} parameters) on "
-                 f"{self.device}, {torch.get_num_threads()} threads, {self.precision}; {self.n:,} images, batch "
+                 f"{self.device}, {torch.get_num_threads()} threads{' (adaptive)' if self.threads else ''}, {self.precision}; {self.n:,} images, batch "
                  f"{recipe.batch_size}{f' x {self.dist.world} processes' if self.dist.world > 1 else ''}, "
                  f"{recipe.epochs} epochs; validation: {self.val_source}")
         self.started = time.perf_counter()
@@ -457,6 +470,8 @@ class _Run:
                 x, y = self._batch(order, flips, step)
                 _set_lr(self.optimizer, learning_rate(recipe, epoch, step, spe))
                 loss, logits = self._step(x, y, epoch * spe + step + 1)
+                if self.threads is not None:
+                    self.threads.step_done(len(y))
                 loss_sum += loss.detach() * len(y)
                 correct += (logits.detach().argmax(1) == y).sum()
                 seen += len(y)
@@ -477,6 +492,8 @@ class _Run:
                     path = self.save(epoch, step + 1, {"loss_sum": total_loss, "correct": total_correct,
                                                        "seen": total_seen,
                                                        "seconds": time.perf_counter() - epoch_start})
+                    if self.threads is not None:
+                        self.threads.pause()
                     if stop_now:
                         raise TrainingInterrupted(path or self.run_dir)
                     if out_of_steps:
@@ -484,6 +501,8 @@ class _Run:
         finally:
             if bar is not None:
                 bar.close()
+            if self.threads is not None:
+                self.threads.pause()  # validation and checkpoints are not training steps
         _check_finite(loss_sum, epoch, spe)
         return (*_global_sums(loss_sum, correct, seen, dist), time.perf_counter() - epoch_start)
 
