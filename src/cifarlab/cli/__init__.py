@@ -9,10 +9,10 @@ import argparse
 import sys
 
 from ..errors import CifarlabError
-from . import evaluate, export, import_keras, info, predict, report, train, visualize
+from . import evaluate, export, import_keras, info, lr_find, predict, report, train, visualize
 from .args import EXIT_ERROR, EXIT_INTERRUPTED
 
-COMMANDS = [train, evaluate, visualize, report, predict, export, import_keras, info]
+COMMANDS = [train, evaluate, visualize, report, predict, export, import_keras, info, lr_find]
 
 
 def build_parser() -> argparse.ArgumentParser:
