@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib
 import json
 import subprocess
 import sys
@@ -57,8 +58,7 @@ def cifarlab_rate(data: CIFAR10, preset: str, steps: int, repeats: int, train_kw
 @contextlib.contextmanager
 def per_parameter_optimizer():
     """cifarlab as before issue 13: PyTorch's per-parameter optimizer loop instead of foreach (same steps)."""
-    import cifarlab.train as T
-
+    T = importlib.import_module("cifarlab.train")  # (the package's `train` attribute is the function)
     original = T.make_optimizer
     T.make_optimizer = functools.partial(original, foreach=False)
     try:
