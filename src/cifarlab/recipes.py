@@ -70,7 +70,7 @@ class Recipe:
             check_field(f, getattr(self, f.name))
         decl = get_declaration(self.model)  # fails early for an unknown or broken model
         if self.optimizer not in ("sgd", "muon") and (self.decay_all or self.bn_lr_scale != 1.0):
-            raise ValueError("decay_all and bn_lr_scale apply to the sgd and muon optimizers only")
+            raise ValueError("decay_all and bn_lr_scale apply to the sgd optimizer only (and to muon's SGD part)")
         defaults = {f.name: f.default for f in fields(self)}
         if self.optimizer != "muon" and any(getattr(self, k) != defaults[k] for k in ("muon_lr", "muon_momentum")):
             raise ValueError("muon_lr and muon_momentum apply to the muon optimizer only")
