@@ -423,7 +423,8 @@ class _Run:
     def loop(self, progress: bool, checkpoint_every: int, max_steps: int | None) -> TrainResult:
         recipe = self.recipe
         self.log(f"training {self.model.declaration['name']} ({self.model.num_parameters():,} parameters) on "
-                 f"{self.device}, {torch.get_num_threads()} threads{' (adaptive)' if self.threads else ''}, {self.precision}; {self.n:,} images, batch "
+                 f"{self.device}, {torch.get_num_threads()} threads{' (adaptive)' if self.threads else ''}, "
+                 f"{self.precision}; {self.n:,} images, batch "
                  f"{recipe.batch_size}{f' x {self.dist.world} processes' if self.dist.world > 1 else ''}, "
                  f"{recipe.epochs} epochs; validation: {self.val_source}")
         self.started = time.perf_counter()

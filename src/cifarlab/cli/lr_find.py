@@ -49,7 +49,8 @@ def lr_find_command(args) -> int:
     data = load_data(args)
     result = finder.lr_find(recipe, data, device=args.device, start_lr=args.start_lr, end_lr=args.end_lr,
                             steps=args.steps, precision=args.precision)
-    out = Path(args.out) if args.out else Path(args.runs_dir) / f"lr-find-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out) if args.out else Path(args.runs_dir) / f"lr-find-{args.preset}-{stamp}"
     files = finder.save(result, out)
     print(json.dumps({"suggested_lr": result.suggestion, "rule": result.rule, "min_loss_lr": result.min_loss_lr,
                       "min_loss_lr_div10": result.min_loss_lr / 10, "steps_run": len(result.lrs),
