@@ -1,7 +1,10 @@
 """Shared fixtures: the real CIFAR-10 data (from ../shared or $CIFARLAB_DATA) and a small trained run."""
 from __future__ import annotations
 
+import http.server
 import os
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -89,3 +92,30 @@ def write_image_folder(data, root: Path, test_images: int | None = None) -> Path
         for i, (img, label) in enumerate(zip(pixels, part.labels.tolist())):
             Image.fromarray(img).save(root / split / data.classes[label] / f"{i:05d}.png", compress_level=1)
     return root
+
+
+@contextmanager
+def serve(body: bytes, declared_length: int | None = None, name: str = "cifar-10-binary.tar.gz"):
+    """Serve ``body`` at http://127.0.0.1:PORT/<name> (real HTTP on loopback); optionally lie about its length."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        requests = 0
+
+        def do_GET(self):  # noqa: N802
+            Handler.requests += 1
+            self.send_response(200)
+            self.send_header("Content-Length", str(declared_length if declared_length is not None else len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/{name}", Handler
+    finally:
+        server.shutdown()
+        server.server_close()

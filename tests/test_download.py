@@ -2,11 +2,8 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
 import io
 import tarfile
-import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -14,6 +11,7 @@ import pytest
 from cifarlab.data import cifar10 as D
 from cifarlab.data.cifar10 import fetch_cifar10
 from cifarlab.errors import DataError
+from conftest import serve
 
 RECORDS = 20  # per batch file: enough to check shapes and labels, small enough to be instant
 
@@ -32,33 +30,6 @@ def _small_archive(data_dir: Path) -> tuple[bytes, dict[str, str]]:
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
     return buf.getvalue(), {name: hashlib.md5(payload).hexdigest() for name, payload in files.items()}
-
-
-@contextmanager
-def serve(body: bytes, declared_length: int | None = None):
-    """Serve ``body`` at http://127.0.0.1:PORT/cifar-10-binary.tar.gz; optionally lie about its length."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        requests = 0
-
-        def do_GET(self):  # noqa: N802
-            Handler.requests += 1
-            self.send_response(200)
-            self.send_header("Content-Length", str(declared_length if declared_length is not None else len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/cifar-10-binary.tar.gz", Handler
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def _leftovers(cache: Path) -> list[str]:

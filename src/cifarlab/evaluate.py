@@ -1,6 +1,7 @@
 """Model + images -> predictions and metrics (accuracy, per-class accuracy, confusion matrix)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -142,6 +143,32 @@ class Evaluation:
             "confusion_matrix_axes": "rows: true class, columns: predicted class",
             "most_confused": self.most_confused(),
         }
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of an accuracy (better than p +- 1.96 sd near 0 or 1 and for small n)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def accuracy_gap(base: "Evaluation", shifted: "Evaluation", z: float = 1.959964) -> dict:
+    """Accuracy on a shifted test set next to the original's: each with its 95% Wilson interval, and the gap
+    (original - shifted) with a 95% normal-approximation interval for two independent samples."""
+    def side(ev):
+        n, k = len(ev.labels), int((ev.predictions == ev.labels).sum())
+        return n, k / max(n, 1), wilson_interval(k, n, z)
+
+    n1, p1, ci1 = side(base)
+    n2, p2, ci2 = side(shifted)
+    sd = math.sqrt(p1 * (1 - p1) / max(n1, 1) + p2 * (1 - p2) / max(n2, 1))
+    gap = p1 - p2
+    return {"accuracy": p2, "accuracy_ci95": list(ci2), "num_images": n2, "reference_accuracy": p1,
+            "reference_ci95": list(ci1), "reference_images": n1, "gap": gap,
+            "gap_ci95": [gap - z * sd, gap + z * sd]}
 
 
 def evaluate_model(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: list[str],

@@ -12,7 +12,7 @@ from . import plots
 from .checkpoints import Checkpoint
 from .data import Dataset
 from .errors import CheckpointError
-from .evaluate import TTA_LEVELS, Evaluation, checkpoint_tta, evaluate_model, tta_level
+from .evaluate import TTA_LEVELS, Evaluation, accuracy_gap, checkpoint_tta, evaluate_model, tta_level
 from .fsutil import atomic_write_json
 from .transforms import Normalization
 
@@ -28,7 +28,8 @@ def check_compatible(ckpt: Checkpoint, data: Dataset, model_name: str | None = N
 
 
 def evaluate_to_folder(ckpt: Checkpoint, data: Dataset, out_dir: str | Path, seed: int = 0,
-                       gallery_size: int = 16, tta: int | None = None, device=None) -> tuple[Evaluation, dict]:
+                       gallery_size: int = 16, tta: int | None = None, device=None,
+                       shifted: list[Dataset] = ()) -> tuple[Evaluation, dict]:
     """Test-set evaluation: results.json, confusion matrix (PNG + counts), per-class accuracy, galleries."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -43,6 +44,9 @@ def evaluate_to_folder(ckpt: Checkpoint, data: Dataset, out_dir: str | Path, see
     random_idx = rng.choice(len(ev.labels), size=min(gallery_size, len(ev.labels)), replace=False)
     worst_idx = ev.worst_mistakes(gallery_size)
     results["gallery_indices"] = random_idx.tolist()
+    results["dataset"] = data.spec or data.name
+    results["shift"] = [dict(accuracy_gap(ev, _evaluate_on(ckpt, other, normalization, tta, device)),
+                             dataset=other.spec or other.name) for other in shifted]
     results["worst_mistakes"] = [
         {"index": int(i), "true": data.classes[ev.labels[i]], "predicted": data.classes[ev.predictions[i]],
          "score": float(ev.probabilities[i, ev.predictions[i]])} for i in worst_idx]
@@ -62,9 +66,28 @@ def evaluate_to_folder(ckpt: Checkpoint, data: Dataset, out_dir: str | Path, see
     return ev, {k: str(v) for k, v in files.items()}
 
 
+def _evaluate_on(ckpt: Checkpoint, data: Dataset, normalization: Normalization, tta: int, device) -> Evaluation:
+    """The checkpoint on another test set of the same classes (distribution shift)."""
+    check_compatible(ckpt, data)
+    model = ckpt.model.to(device) if device else ckpt.model
+    return evaluate_model(model, data.test.images, data.test.labels, data.classes, normalization, tta=tta,
+                          device=device)
+
+
 def results_summary(results: dict) -> str:
     tta = tta_level(results.get("tta"))
     lines = [f"Test accuracy: {100 * results['accuracy']:.2f}% on {results['num_images']:,} images"
              + (f" ({TTA_LEVELS[tta]})" if tta else ""), "Per-class accuracy:"]
-    lines += [f"  {name:<12}{100 * acc:6.2f}%" for name, acc in results["per_class_accuracy"].items()]
+    if len(results["per_class_accuracy"]) <= 20:
+        lines += [f"  {name:<12}{100 * acc:6.2f}%" for name, acc in results["per_class_accuracy"].items()]
+    else:  # 100 classes: the spread, and where it fails
+        ranked = sorted(results["per_class_accuracy"].items(), key=lambda kv: kv[1])
+        lines += ["  worst: " + ", ".join(f"{n} {100 * a:.1f}%" for n, a in ranked[:5]),
+                  "  best:  " + ", ".join(f"{n} {100 * a:.1f}%" for n, a in ranked[-5:])]
+    for s in results.get("shift", []):
+        lo, hi = s["accuracy_ci95"]
+        glo, ghi = s["gap_ci95"]
+        lines.append(f"On {s['dataset']}: {100 * s['accuracy']:.2f}% of {s['num_images']:,} images (95% CI "
+                     f"{100 * lo:.1f}-{100 * hi:.1f}); gap to the test set {100 * s['gap']:+.2f} points "
+                     f"(95% CI {100 * glo:+.1f} to {100 * ghi:+.1f})")
     return "\n".join(lines)

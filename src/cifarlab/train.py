@@ -255,6 +255,9 @@ def train(recipe: Recipe, data: Dataset, run_dir: str | Path, device: str | torc
     used, in the last bits: leave it off where runs must be bitwise reproducible.
     """
     recipe.validate()
+    if data.eval_only:
+        raise TrainingError(f"{data.spec or data.name} is an evaluation-only dataset (no training images); train on "
+                            f"another dataset and evaluate on this one (cifarlab evaluate RUN --on {data.spec}).")
     device = torch.device(device) if device else default_device()
     if channels_last is None:
         channels_last = device.type == "cpu"  # measured faster on CPU for these convs (bench/)

@@ -17,6 +17,9 @@ def register(sub) -> None:
     add_tta_argument(p, "(default: as the checkpoint's recipe says)")
     p.add_argument("--seed", type=bounded_int(0, 2 ** 32 - 1), default=0, help="for the random gallery")
     p.add_argument("--device")
+    p.add_argument("--on", action="append", default=[], metavar="SPEC",
+                   help="also evaluate on this test set of the same classes and report the accuracy gap with 95%% "
+                        "intervals (e.g. cifar10.1); repeatable")
     p.add_argument("--allow-pickle", action="store_true", help=argparse.SUPPRESS)
     add_data_args(p, default_help="the data the checkpoint was trained on")
     p.set_defaults(func=run)
@@ -25,6 +28,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from .. import pipeline
     from ..checkpoints import load_checkpoint
+    from ..data import load_dataset
 
     ckpt = load_checkpoint(args.checkpoint, allow_pickle=args.allow_pickle)
     data = load_data(args, stored=ckpt.meta.get("dataset"), log=lambda *a, **k: None if args.json else print(*a))
@@ -32,7 +36,9 @@ def run(args) -> int:
         pipeline.check_compatible(ckpt, data, args.model)
     source = Path(args.checkpoint)
     out = Path(args.out) if args.out else (source if source.is_dir() else source.parent) / "eval"
-    ev, files = pipeline.evaluate_to_folder(ckpt, data, out, seed=args.seed, tta=args.tta, device=args.device)
+    shifted = [load_dataset(spec, download=not args.no_download, progress=not args.json) for spec in args.on]
+    ev, files = pipeline.evaluate_to_folder(ckpt, data, out, seed=args.seed, tta=args.tta, device=args.device,
+                                            shifted=shifted)
     results = json.loads(Path(files["results"]).read_text())
     if args.json:
         print(json.dumps(dict(results, files=files), indent=2))

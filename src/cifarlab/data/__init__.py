@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import DataError
-from . import cifar10, cifar100, folder
+from . import cifar10, cifar10_1, cifar100, folder
 from .base import Dataset, Split, cache_dir, holdout_split, md5_of
 from .cifar10 import load_cifar10
 from .cifar100 import load_cifar100
@@ -31,6 +31,8 @@ DATASETS: dict[str, DatasetEntry] = {
     "cifar10": DatasetEntry(cifar10.load, "cifar10", "CIFAR-10: 50,000 + 10,000 32x32 images, 10 classes"),
     "cifar100": DatasetEntry(cifar100.load, "cifar100[:coarse]",
                              "CIFAR-100: 50,000 + 10,000 32x32 images, 100 fine (or 20 coarse) classes"),
+    "cifar10.1": DatasetEntry(cifar10_1.load, "cifar10.1",
+                              "CIFAR-10.1 v6: 2,000 new CIFAR-10-style test images (evaluation only: --on)"),
     "folder": DatasetEntry(folder.load, "folder:PATH",
                            "your photos: one subfolder per class (train/ and test/ or val/, or split for you)"),
 }
@@ -38,8 +40,8 @@ DATASETS: dict[str, DatasetEntry] = {
 
 def register_dataset(name: str, load: Callable[..., Dataset], usage: str = "", description: str = "") -> None:
     """Add a dataset: ``load(arg, data_dir=None, download=True, progress=True, **options) -> Dataset``."""
-    if not name.isidentifier():
-        raise ValueError(f"dataset name {name!r} must be an identifier")
+    if not name or not all(c.isalnum() or c in "._-" for c in name):
+        raise ValueError(f"dataset name {name!r} must be letters, digits, '.', '_' or '-'")
     DATASETS[name] = DatasetEntry(load, usage or name, description)
 
 

@@ -54,6 +54,7 @@ class Dataset:
     spec: str = ""
     identity: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)      # things the user should hear (skipped files)
+    eval_only: bool = False                             # a test set without training images (CIFAR-10.1)
     files: dict = field(default_factory=dict)           # per split, the source file of each image (folders)
 
     def __repr__(self) -> str:
@@ -67,7 +68,7 @@ class Dataset:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(channels, height, width) of every image."""
-        return tuple(self.train.images.shape[1:])
+        return tuple(self.test.images.shape[1:])
 
     def describe(self) -> dict:
         """What a checkpoint stores about its data (JSON)."""
@@ -85,6 +86,8 @@ class Dataset:
 def check_dataset(ds: Dataset, source: str) -> Dataset:
     """The invariants every loader promises (cheap; run on every load)."""
     for split_name, split in (("train", ds.train), ("test", ds.test)):
+        if split_name == "train" and ds.eval_only and len(split) == 0:
+            continue
         x, y = split.images, split.labels
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3):
             raise DataError(f"{source}: {split_name} images must be uint8 (N, 1 or 3, H, W), not {x.dtype} "
@@ -93,12 +96,16 @@ def check_dataset(ds: Dataset, source: str) -> Dataset:
             raise DataError(f"{source}: {split_name} split has {len(x)} images and {len(y)} labels")
         if int(y.min()) < 0 or int(y.max()) >= len(ds.classes):
             raise DataError(f"{source}: {split_name} labels must be in 0..{len(ds.classes) - 1}")
-    if ds.train.images.shape[1:] != ds.test.images.shape[1:]:
+    if len(ds.train) and ds.train.images.shape[1:] != ds.test.images.shape[1:]:
         raise DataError(f"{source}: train images are {tuple(ds.train.images.shape[1:])} but test images are "
                         f"{tuple(ds.test.images.shape[1:])}")
     if not 2 <= len(ds.classes) <= MAX_CLASSES or len(set(ds.classes)) != len(ds.classes):
         raise DataError(f"{source}: needs 2..{MAX_CLASSES} distinct class names, found {len(ds.classes)}")
     return ds
+
+
+def empty_split(image_shape: tuple[int, int, int]) -> Split:
+    return Split(torch.empty(0, *image_shape, dtype=torch.uint8), torch.empty(0, dtype=torch.int64))
 
 
 def holdout_split(train: Split, n_val: int, seed: int = 0) -> tuple[Split, Split]:

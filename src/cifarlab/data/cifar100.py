@@ -43,21 +43,24 @@ def read_split(path: Path, labels: str = "fine", max_records: int = 50_000) -> t
 
 
 def load_cifar100(data_dir: str | Path | None = None, labels: str = "fine", download: bool = True,
-                  verify: bool = True, url: str | None = None, progress: bool = True) -> Dataset:
-    """CIFAR-100 as uint8 tensors, with the fine (100) or coarse (20) labels."""
+                  verify: bool = True, url: str | None = None, progress: bool = True,
+                  archive: ArchiveSpec = ARCHIVE) -> Dataset:
+    """CIFAR-100 as uint8 tensors, with the fine (100) or coarse (20) labels.
+
+    ``archive`` describes the official archive (tests pass a reduced copy of it, served on loopback)."""
     if labels not in LABEL_FILES:
         raise DataError(f"CIFAR-100 labels are 'fine' or 'coarse', not {labels!r}")
-    root = locate(ARCHIVE, _looks_like, data_dir, download, url, progress, hint=HINT)
+    root = locate(archive, _looks_like, data_dir, download, url, progress, hint=HINT)
     if verify:
-        ARCHIVE.verify_folder(root, HINT)
+        archive.verify_folder(root, HINT)
     names_file, count, _ = LABEL_FILES[labels]
     train_x, train_y = read_split(root / TRAIN_FILE, labels)
     test_x, test_y = read_split(root / TEST_FILE, labels, max_records=10_000)
     ds = Dataset(train=_split(train_x, train_y), test=_split(test_x, test_y),
                  classes=read_class_names(root / names_file, expected=count, hint=HINT), root=root,
                  name="cifar100", spec="cifar100" + (":coarse" if labels == "coarse" else ""),
-                 identity={"format": "binary", "labels": labels, "sizes": ARCHIVE.file_sizes,
-                           "archive_md5": ARCHIVE.archive_md5})
+                 identity={"format": "binary", "labels": labels, "sizes": archive.file_sizes,
+                           "archive_md5": archive.archive_md5})
     return check_dataset(ds, str(root))
 
 

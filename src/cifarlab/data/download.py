@@ -130,10 +130,13 @@ def download_file(url: str, dest: Path, expected_md5: str | None, progress: bool
 
 
 def _progress_bar(total, desc, enabled):
+    import sys
+
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled,
-                leave=False)
+    # Not into a log file: a bar there is hundreds of \r frames.
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                disable=not (enabled and sys.stderr.isatty()), leave=False)
 
 
 def _check_member(member: tarfile.TarInfo, archive: Path) -> None:
