@@ -53,7 +53,7 @@ def test_muon_groups_follow_airbench94_muon():
             m.bias.requires_grad_(True)
     opt = make_optimizer(recipe, model)
     assert isinstance(opt, Muon)
-    filt, dense, vec = opt.param_groups
+    filt, dense, vec, whiten = opt.param_groups
     assert filt["orthogonalize"] and all(p.ndim == 4 and p.requires_grad for p in filt["params"])
     assert len(filt["params"]) == 6 and filt["lr"] == pytest.approx(0.24) and filt["momentum"] == 0.6
     assert filt["nesterov"] and filt["weight_decay"] == 0
@@ -61,9 +61,32 @@ def test_muon_groups_follow_airbench94_muon():
     # airbench's sum-loss values x 2000 (mean loss); the head's / 768 for its init (see recipes.py)
     assert dense["lr"] == pytest.approx(0.67 * 2000 / 768)
     assert vec["lr"] == pytest.approx(0.053 * 2000)
-    for g in (dense, vec):  # every SGD parameter shrinks by 2e-6 x 2000 per step (at the peak lr)
+    assert whiten["lr"] == pytest.approx(0.053 * 2000) and whiten["momentum"] == 0.85
+    for g in (dense, vec, whiten):  # every SGD parameter shrinks by 2e-6 x 2000 per step (at the peak lr)
         assert g["lr"] * g["weight_decay"] == pytest.approx(2e-6 * 2000)
     assert PRESETS["airbench94-muon"].batch_size == 2000 and PRESETS["airbench94-muon"].epochs == 8
+
+
+def test_whitening_bias_lr_falls_to_zero_over_its_epochs():
+    """airbench94_muon: whitening-bias lr = peak x (1 - step / (3 epochs of steps)); the rest: peak x (1 - t)."""
+    from cifarlab.train import _set_lr
+
+    recipe = recipe_from("airbench94-muon")
+    model = Net(get_declaration(recipe.model))
+    model.whiten.bias.requires_grad_(True)
+    opt = make_optimizer(recipe, model)
+    whiten = next(g for g in opt.param_groups if g.get("zero_at"))
+    assert whiten["params"] == [model.whiten.bias] and whiten["zero_at"] == pytest.approx(3 / 8)
+    others = [g for g in opt.param_groups if g is not whiten]
+    assert all(model.whiten.bias is not p for g in others for p in g["params"])
+    spe, total = 25, 200
+    for step in (0, 30, 74, 75, 150):
+        factor = 1 - step / total  # the linear schedule's
+        _set_lr(opt, recipe.lr * factor, step / total)
+        assert whiten["lr"] == pytest.approx(0.053 * 2000 * max(0.0, 1 - step / 75))
+        assert others[-1]["lr"] == pytest.approx(0.053 * 2000 * factor)
+    with pytest.raises(ValueError, match="whiten_bias_decay"):
+        recipe_from("airbench94", whiten_bias_decay=True)
 
 
 def test_muon_options_are_refused_for_other_optimizers():

@@ -112,26 +112,36 @@ class Muon(torch.optim.Optimizer):
 def muon_groups(recipe, model: torch.nn.Module) -> list[dict]:
     """airbench94_muon's split: conv filter banks (4-D trainable weights) -> Muon at ``muon_lr``; dense
     weights -> SGD at ``lr``; BatchNorm parameters, the whitening bias and other biases -> SGD at
-    ``lr x bn_lr_scale`` (airbench94_muon gives all of them its bias lr). ``weight_decay`` applies to the
+    ``lr x bn_lr_scale`` (airbench94_muon gives all of them its bias lr); with ``whiten_bias_decay`` the
+    whitening bias in a group of its own whose lr reaches 0 after ``whiten_bias_epochs``. ``weight_decay`` applies to the
     SGD groups; with ``decay_all`` the bias group's decay is divided by its lr scale (every parameter
     shrinks by the same factor per step, as airbench's ``wd / lr``), else biases do not decay.
     Each group's ``lr_scale`` is its lr relative to ``recipe.lr`` (the schedule multiplies all of them)."""
+    from .models import Whiten
+
     trainable = [p for p in model.parameters() if p.requires_grad]
+    whiten = {id(m.bias) for m in model.modules() if isinstance(m, Whiten)} if recipe.whiten_bias_decay else set()
     filters = [p for p in trainable if p.ndim == 4]
     dense = [p for p in trainable if p.ndim in (2, 3)]
-    vectors = [p for p in trainable if p.ndim <= 1]
+    vectors = [p for p in trainable if p.ndim <= 1 and id(p) not in whiten]
+    whiten_biases = [p for p in trainable if id(p) in whiten]
     wd = recipe.weight_decay
+    bias_decay = wd / recipe.bn_lr_scale if recipe.decay_all else 0.0
     groups = [
         {"params": filters, "lr_scale": recipe.muon_lr / recipe.lr, "momentum": recipe.muon_momentum,
          "nesterov": True, "weight_decay": 0.0, "orthogonalize": True},
         {"params": dense, "lr_scale": 1.0, "momentum": recipe.momentum, "nesterov": recipe.nesterov,
          "weight_decay": wd, "orthogonalize": False},
         {"params": vectors, "lr_scale": recipe.bn_lr_scale, "momentum": recipe.momentum,
-         "nesterov": recipe.nesterov, "weight_decay": wd / recipe.bn_lr_scale if recipe.decay_all else 0.0,
-         "orthogonalize": False},
+         "nesterov": recipe.nesterov, "weight_decay": bias_decay, "orthogonalize": False},
+        # whiten_bias_decay: the whitening bias as the other biases, but its lr falls linearly from the
+        # peak to 0 at the end of its whiten_bias_epochs (train._set_lr reads zero_at)
+        {"params": whiten_biases, "lr_scale": recipe.bn_lr_scale, "momentum": recipe.momentum,
+         "nesterov": recipe.nesterov, "weight_decay": bias_decay, "orthogonalize": False,
+         "zero_at": recipe.whiten_bias_epochs / recipe.epochs},
     ]
     for g in groups:
-        g["lr"] = recipe.lr * g["lr_scale"]
+        g["lr"] = g["peak_lr"] = recipe.lr * g["lr_scale"]
     return [g for g in groups if g["params"]]
 
 

@@ -204,9 +204,14 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, info: di
     optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
 
 
-def _set_lr(optimizer, lr):
+def _set_lr(optimizer, lr, progress: float | None = None):
+    """Every group's lr: the schedule's ``lr`` x the group's lr_scale; a group with ``zero_at`` (a fraction of
+    training) instead falls linearly from its ``peak_lr`` to 0 at that point (airbench94_muon's whitening bias)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        if progress is not None and group.get("zero_at"):
+            group["lr"] = group["peak_lr"] * max(0.0, 1.0 - progress / group["zero_at"])
+        else:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 class Lookahead:
@@ -475,7 +480,8 @@ class _Run:
         try:
             for step in range(start_step, spe):
                 x, y = self._batch(order, flips, step)
-                _set_lr(self.optimizer, learning_rate(recipe, epoch, step, spe))
+                _set_lr(self.optimizer, learning_rate(recipe, epoch, step, spe),
+                        (epoch * spe + step) / (recipe.epochs * spe))
                 loss, logits = self._step(x, y, epoch * spe + step + 1)
                 if self.threads is not None:
                     self.threads.step_done(len(y))
