@@ -217,8 +217,11 @@ def test_nan_in_the_data_stops_training_and_keeps_the_last_good_checkpoint(tiny,
     assert not list((run / "checkpoints").glob(".step-*"))
     ckpt = ckpts.load_latest(run, with_train_state=True)
     assert all(torch.isfinite(t).all() for t in ckpt.model.state_dict().values())
-    # With the bad image gone, the run resumes from step 4 and finishes.
-    result = train(recipe_from("exercise", **RECIPE), tiny, run, resume=True, checkpoint_every=EVERY, **QUIET)
+    # With the bad image gone the data is not the data the run started on: resume names the difference
+    # (issue 14: a resume continues exactly the run it was started as); a new run with the good data trains.
+    with pytest.raises(CheckpointError, match=r"step-000000004: data train_sha256 \w+\.\.\. \(saved\) vs \w+\.\.\. \(now\)"):
+        train(recipe_from("exercise", **RECIPE), tiny, run, resume=True, checkpoint_every=EVERY, **QUIET)
+    result = train(recipe_from("exercise", **RECIPE), tiny, run.with_name("fixed"), checkpoint_every=EVERY, **QUIET)
     assert len(result.history) == 1 and np.isfinite(result.history[0]["train_loss"])
 
 

@@ -7,6 +7,7 @@ the same loop runs data-parallel: ``batch_size`` is per process, rank 0 alone wr
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoints as ckpts
+from . import rundir
 from .data import Dataset, holdout_split
 from .errors import CheckpointError, TrainingError
 from .evaluate import default_device, predict_logits
@@ -26,6 +28,7 @@ from .fsutil import atomic_write_json, atomic_write_text
 from .models import Net, Whiten, get_declaration
 from .precision import autocast, resolve_precision  # noqa: F401 (resolve_precision re-exported)
 from .recipes import PRESETS, Recipe, recipe_from, saved_recipe  # noqa: F401 (re-exported)
+from .validation import check_position
 from .transforms import Augment, Normalization, alternating_flips
 
 
@@ -251,17 +254,19 @@ def train(recipe: Recipe, data: Dataset, run_dir: str | Path, device: str | torc
     device = torch.device(device) if device else default_device()
     if channels_last is None:
         channels_last = device.type == "cpu"  # measured faster on CPU for these convs (bench/)
-    run = _Run(recipe, data, Path(run_dir), device, channels_last, resolve_precision(precision, device),
-               keep_checkpoints, log)
-    if resume:
-        run.resume()
-    run.parallelize(compile)
-    run.create_folder(tensorboard)
-    try:
-        return run.loop(progress, checkpoint_every, max_steps)
-    finally:
-        if run.writer is not None:
-            run.writer.close()
+    # Rank 0 owns the folder (an exclusive lock for the whole run); a new run needs it missing or empty.
+    with rundir.claim(run_dir, resume) if dist_info().is_main else contextlib.nullcontext():
+        run = _Run(recipe, data, Path(run_dir), device, channels_last, resolve_precision(precision, device),
+                   keep_checkpoints, log)
+        if resume:
+            run.resume()
+        run.parallelize(compile)
+        run.create_folder(tensorboard)
+        try:
+            return run.loop(progress, checkpoint_every, max_steps)
+        finally:
+            if run.writer is not None:
+                run.writer.close()
 
 
 class _Run:
@@ -303,6 +308,7 @@ class _Run:
             "normalization": self.normalization.to_dict(), "recipe": asdict(recipe), "seed": recipe.seed,
             "val_source": self.val_source, "world_size": self.dist.world, "precision": precision,
         }
+        self.base_meta["data_identity"] = rundir.data_identity(data)  # compared on resume
 
     # -- set-up --------------------------------------------------------------------------------------
 
@@ -321,17 +327,23 @@ class _Run:
         return model
 
     def resume(self) -> None:
-        ckpt = _try_resume(self.run_dir, self.recipe, self.log)
+        ckpt = _try_resume(self.run_dir, self.recipe, self.log, self.model.declaration,
+                           self.base_meta["data_identity"])
         if ckpt is None:
             return
+        check_position(ckpt.train_state, self.recipe.epochs, self.spe, ckpt.path, CheckpointError)
         self.model.load_state_dict(ckpt.model.state_dict())
         if "normalization" in ckpt.meta:  # exactly the statistics the run started with
             self.normalization = Normalization.from_dict(ckpt.meta["normalization"])
             self.base_meta["normalization"] = self.normalization.to_dict()
-        if self.lookahead is not None:
-            self.lookahead.restore({k: ckpt.optimizer_tensors.pop(k) for k in list(ckpt.optimizer_tensors)
-                                    if k.startswith(Lookahead.PREFIX)})
-        _restore_optimizer(self.optimizer, ckpt.optimizer_tensors, ckpt.train_state["optimizer"])
+        try:
+            if self.lookahead is not None:
+                self.lookahead.restore({k: ckpt.optimizer_tensors.pop(k) for k in list(ckpt.optimizer_tensors)
+                                        if k.startswith(Lookahead.PREFIX)})
+            _restore_optimizer(self.optimizer, ckpt.optimizer_tensors, ckpt.train_state["optimizer"])
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+            raise CheckpointError(f"{ckpt.path}: the optimizer state does not fit this model ({type(e).__name__}: "
+                                  f"{str(e)[:200]}); the training state is damaged.") from None
         torch.set_rng_state(ckpt.optimizer_tensors_rng)
         self.history = ckpt.meta.get("history", [])
         self.start_epoch, self.start_step = ckpt.train_state["epoch"], ckpt.train_state["step_in_epoch"]
@@ -567,16 +579,23 @@ def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int) -> None:
                             f"(--resume keeps the recipe).")
 
 
-def _try_resume(run_dir: Path, recipe: Recipe, log):
+def _try_resume(run_dir: Path, recipe: Recipe, log, declaration: dict | None = None, data_identity: dict | None = None):
     if not ckpts.checkpoint_dirs(run_dir):
+        rundir.check_resumable_without_checkpoint(run_dir)  # never into a folder that holds something else
         log(f"no checkpoint in {run_dir}; starting from scratch")
         return None
     ckpt = ckpts.load_latest(run_dir, with_train_state=True, report=log)
     saved = saved_recipe(ckpt.train_state.get("recipe", {}))
-    if saved and saved != asdict(recipe):
-        diff = {k: (saved.get(k), v) for k, v in asdict(recipe).items() if saved.get(k) != v}
-        raise CheckpointError(f"{ckpt.path}: --resume with a different recipe {diff} (saved, asked); "
-                              f"resume with the same settings or start a new run.")
+    # The model is compared by its declaration's content (a file may be edited, or moved), the data by
+    # its identity (counts, classes, checksums): resume continues exactly the run it was started as.
+    model_diff = rundir.declaration_differences(ckpt.model.declaration, declaration) if declaration else []
+    diff = {k: (saved.get(k), v) for k, v in asdict(recipe).items()
+            if saved.get(k) != v and (k != "model" or declaration is None or model_diff)} if saved else {}
+    differences = ([f"--resume with a different recipe {diff} (saved, asked)"] if diff else []) + model_diff \
+        + rundir.identity_differences(ckpt.meta.get("data_identity"), data_identity or {})
+    if differences:
+        raise CheckpointError(f"{ckpt.path}: " + "; ".join(differences) + "; resume with the run's own settings and "
+                              f"data, or start a new run (another --name).")
     world = dist_info().world
     if ckpt.train_state.get("world_size", 1) != world:
         raise CheckpointError(f"{ckpt.path}: saved with {ckpt.train_state.get('world_size')} processes, resumed "
