@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoints as ckpts
-from . import rundir
+from . import memory, rundir
 from .data import Dataset, holdout_split
 from .errors import CheckpointError, TrainingError
 from .evaluate import default_device, predict_logits
@@ -252,6 +252,8 @@ def train(recipe: Recipe, data: Dataset, run_dir: str | Path, device: str | torc
         raise TrainingError(f"{data.spec or data.name} is an evaluation-only dataset (no training images); train on "
                             f"another dataset and evaluate on this one (cifarlab evaluate RUN --on {data.spec}).")
     device = torch.device(device) if device else default_device()
+    memory.check_fits(get_declaration(recipe.model, data.num_classes, data.image_shape), recipe.batch_size,
+                      device)  # before allocating anything
     if channels_last is None:
         channels_last = device.type == "cpu"  # measured faster on CPU for these convs (bench/)
     # Rank 0 owns the folder (an exclusive lock for the whole run); a new run needs it missing or empty.
