@@ -77,8 +77,6 @@ def train_command(args, evaluate_after: bool) -> int:
     recipe = recipe_from_args(args)
     name = args.name or f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(args.runs_dir) / name
-    if not args.resume and (run_dir / "checkpoints").exists():
-        raise CifarlabError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --name.")
     is_main = dist_info().is_main
     log = print if is_main else (lambda *a, **k: None)
     data = load_data(args, log=log)
