@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import re
 import signal
 import subprocess
@@ -25,7 +24,8 @@ from hypothesis import strategies as st
 from cifarlab import checkpoints as ckpts
 from cifarlab import rundir
 from cifarlab.cli import main as cli_main
-from cifarlab.data import CIFAR10, Split, read_bin, read_class_names
+from cifarlab.data import CIFAR10, Split
+from cifarlab.data.cifar10 import read_bin, read_class_names
 from cifarlab.errors import CheckpointError
 from cifarlab.memory import MemoryBudgetError, estimate
 from cifarlab.models import Net
@@ -47,24 +47,14 @@ def small(data_dir) -> CIFAR10:
 
 @pytest.fixture(scope="module")
 def folder(small, tmp_path_factory) -> Path:
-    """The small dataset in CIFAR-10's python-version layout, for the CLI."""
-    root = tmp_path_factory.mktemp("data") / "cifar-10-batches-py"
-    root.mkdir()
-    x, y = small.train.images.numpy().reshape(1000, -1), small.train.labels.numpy()
-    for i in range(5):
-        part = slice(i * 200, (i + 1) * 200)
-        batch = {b"batch_label": f"training batch {i + 1} of 5".encode(), b"labels": y[part].tolist(),
-                 b"data": x[part], b"filenames": [b"x.png"] * 200}
-        (root / f"data_batch_{i + 1}").write_bytes(pickle.dumps(batch, protocol=2))
-    test = {b"batch_label": b"testing batch 1 of 1", b"labels": small.test.labels.numpy().tolist(),
-            b"data": small.test.images.numpy().reshape(100, -1), b"filenames": [b"x.png"] * 100}
-    (root / "test_batch").write_bytes(pickle.dumps(test, protocol=2))
-    (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": [c.encode() for c in small.classes]}))
-    return root
+    """The small dataset as an image folder (PNG, lossless), for the CLI: ``--dataset folder:PATH``."""
+    from conftest import write_image_folder
+
+    return write_image_folder(small, tmp_path_factory.mktemp("data") / "small-folder")
 
 
 def _args(folder: Path, runs: Path, name: str, *extra: str) -> list[str]:
-    return ["train", "--data-dir", str(folder), "--runs-dir", str(runs), "--name", name, "--batch-size", "50",
+    return ["train", "--dataset", f"folder:{folder}", "--runs-dir", str(runs), "--name", name, "--batch-size", "50",
             "--epochs", "1", "--no-progress", "--threads", "1", *extra]
 
 
@@ -206,7 +196,7 @@ def test_a_folder_holding_an_imported_model_is_never_trained_over(folder, tmp_pa
     from cifarlab.transforms import Normalization
 
     net = Net(get_declaration("exercise"))
-    meta = {"architecture": net.declaration, "classes": list(read_class_names_from(folder)),
+    meta = {"architecture": net.declaration, "classes": sorted(p.name for p in (folder / "train").iterdir()),
             "normalization": Normalization.named("exercise").to_dict(), "recipe": {"tta": 0, "seed": 0},
             "epoch": None, "source": {"file": "good.h5"}}
     ckpts.save_checkpoint(runs / "kx" / "final", net, meta)  # what `import-keras --out runs/kx` writes
@@ -218,10 +208,6 @@ def test_a_folder_holding_an_imported_model_is_never_trained_over(folder, tmp_pa
     assert f"{runs / 'kx'}: nothing to resume (no training checkpoint in {runs / 'kx' / 'checkpoints'}), and the " \
            f"folder holds final, which is not a run's" in capsys.readouterr().err
     assert _snapshot(runs / "kx") == before
-
-
-def read_class_names_from(folder: Path) -> list[str]:
-    return [c.decode() for c in pickle.loads((folder / "batches.meta").read_bytes())[b"label_names"]]
 
 
 def test_a_run_killed_before_its_first_checkpoint_resumes_from_scratch(small, tmp_path):

@@ -260,8 +260,8 @@ def data_identity(data) -> dict:
 
 # What decides whether a resume sees the same data. The rest of a dataset's identity (file format,
 # file checksums, whether they were verified) is stored as a record: the same images read from the
-# binary or the python version are the same data.
-COMPARED = ("name", "spec", "classes", "image_shape", "train_subset", "train_images", "train_sha256",
+# binary or the python version, or a photo folder that was moved, are the same data.
+COMPARED = ("name", "classes", "image_shape", "train_subset", "train_images", "train_sha256",
             "test_images", "test_sha256", "content_sha256", "image_size")
 
 
