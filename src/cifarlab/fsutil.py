@@ -43,11 +43,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError) and not e.filename:  # a full disk ("[Errno 28]") says which file it hit
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
         raise
     fsync_dir(path.parent)
 

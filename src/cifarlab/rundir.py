@@ -29,7 +29,7 @@ LOCK_FILE = ".cifarlab.lock"
 MAX_NAME = 128
 # What a run writes before its first complete checkpoint: a run killed that early may be resumed
 # (it starts from scratch). Anything else in a folder without a checkpoint is someone else's.
-EARLY_FILES = {LOCK_FILE, "recipe.json", "metrics.csv", "checkpoints", "tensorboard"}
+EARLY_FILES = {LOCK_FILE, "recipe.json", "dataset.json", "model.json", "metrics.csv", "checkpoints", "tensorboard"}
 
 
 class RunFolderError(CifarlabError):

@@ -21,9 +21,10 @@ import torch.nn.functional as F
 
 from . import checkpoints as ckpts
 from . import memory, rundir
+from .devices import resolve_device
 from .data import Dataset, holdout_split
 from .errors import CheckpointError, TrainingError
-from .evaluate import default_device, predict_logits
+from .evaluate import predict_logits
 from .fsutil import atomic_write_json, atomic_write_text
 from .models import Net, Whiten, get_declaration
 from .precision import autocast, resolve_precision  # noqa: F401 (resolve_precision re-exported)
@@ -251,7 +252,7 @@ def train(recipe: Recipe, data: Dataset, run_dir: str | Path, device: str | torc
     if data.eval_only:
         raise TrainingError(f"{data.spec or data.name} is an evaluation-only dataset (no training images); train on "
                             f"another dataset and evaluate on this one (cifarlab evaluate RUN --on {data.spec}).")
-    device = torch.device(device) if device else default_device()
+    device = resolve_device(device)  # one-line error for a device this machine does not have
     memory.check_fits(get_declaration(recipe.model, data.num_classes, data.image_shape), recipe.batch_size,
                       device)  # before allocating anything
     if channels_last is None:

@@ -410,6 +410,8 @@ def check_results(results, source, error=ValidationError) -> dict:
         c.int("tta", results["tta"], 0, 2)
     if results.get("epoch") is not None:
         c.int("epoch", results["epoch"], 0, MAX_EPOCHS)
+    if results.get("weights_sha256") is not None:
+        c.str("weights_sha256", results["weights_sha256"], 64)
     if "confusion_matrix" in results:
         rows = c.list("confusion_matrix", results["confusion_matrix"], len(classes))
         if len(rows) != len(classes):
