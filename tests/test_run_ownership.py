@@ -266,14 +266,20 @@ def test_resume_keeps_foreign_files_in_final(folder, finished, tmp_path, capsys)
 # Case 4: resume continues exactly the run it was started as, or names the difference
 
 
-def test_resume_without_the_train_subset_is_refused(folder, tmp_path, capsys):
+def test_resume_continues_on_the_runs_own_subset_or_refuses(folder, small, tmp_path, capsys):
     runs = tmp_path / "runs"
     assert cli_main(_args(folder, runs, "s", "--train-subset", "500", "--max-steps", "3")) == 0
     capsys.readouterr()
-    assert cli_main(_args(folder, runs, "s", "--resume")) == 2  # before: exit 0, trained on 1,000 images
+    # Before: resumed without --train-subset, it trained on all 1,000 images with a jumped schedule. Now
+    # --resume takes the subset from the run, and a different one is refused, naming the difference.
+    assert cli_main(_args(folder, runs, "s", "--resume", "--max-steps", "2")) == 0
+    assert "; 500 images, batch 50" in capsys.readouterr().out
+    assert cli_main(_args(folder, runs, "s", "--resume", "--train-subset", "800")) == 2
     err = capsys.readouterr().err
-    assert "data train_images 500 (saved) vs 1000 (now)" in err and "data train_sha256" in err
-    assert cli_main(_args(folder, runs, "s", "--resume", "--train-subset", "500", "--max-steps", "2")) == 0
+    assert "data train_subset 'first 500' (saved) vs 'first 800' (now)" in err
+    assert "data train_images 500 (saved) vs 800 (now)" in err and "data train_sha256" in err
+    with pytest.raises(CheckpointError, match=r"data train_images 500 \(saved\) vs 1000 \(now\)"):
+        train(recipe_from("exercise", epochs=1, batch_size=50), small, runs / "s", resume=True, **QUIET)
 
 
 def _declaration(path: Path, activation: str = "relu", filters: int = 8) -> Path:
@@ -333,6 +339,18 @@ def test_a_small_declaration_with_huge_activations_is_refused_with_the_number(fo
     with pytest.raises(MemoryBudgetError, match="Even batch size 1 would not fit"):
         from cifarlab.memory import check_fits
         check_fits(BOMB, 1, "cpu", available=1 << 30)
+
+
+def test_inference_on_a_hostile_architecture_is_bounded_too(monkeypatch):
+    """A checkpoint can hold the same declaration: evaluate/predict refuse before the first batch."""
+    from cifarlab import memory
+    from cifarlab.evaluate import predict_logits
+    from cifarlab.transforms import Normalization
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: (1 << 30, "available memory"))
+    with pytest.raises(MemoryBudgetError, match=r"^model 'bomb' with batch size 128 needs about 8\.0 GiB for "
+                                                r"inference .* more than the 1\.0 GiB available memory on cpu"):
+        predict_logits(Net(BOMB), torch.zeros(200, 3, 32, 32, dtype=torch.uint8), Normalization.named("exercise"))
 
 
 def test_ordinary_runs_fit(small):

@@ -77,7 +77,7 @@ class RunLock:
 
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
-        self.created = False
+        self.created: list[Path] = []  # folders this lock made (the run folder and missing parents)
         self.key: str | None = None
 
     def __enter__(self) -> "RunLock":
@@ -108,25 +108,34 @@ class RunLock:
         except OSError:
             pass
         os.close(fd)
-        if self.created:  # a run that stopped before writing anything leaves no empty folder behind
-            with contextlib.suppress(OSError):
-                self.run_dir.rmdir()
+        for folder in reversed(self.created):  # a run that stopped before writing anything leaves no
+            try:                                 # empty folder behind (nor an empty --runs-dir)
+                folder.rmdir()
+            except OSError:
+                break
 
 
-def _make_folder(run_dir: Path) -> bool:
+def _make_folder(run_dir: Path) -> list[Path]:
+    """Create the run folder (and missing parents); return the folders created, outermost first."""
     if run_dir.is_dir():
-        return False
+        return []
     if run_dir.exists() or run_dir.is_symlink():
         raise RunFolderError(f"{run_dir}: exists and is not a folder; choose another --name or --runs-dir.")
-    try:
-        run_dir.mkdir(parents=True)
-        return True
-    except FileExistsError:
-        if run_dir.is_dir():  # created by a process starting at the same moment: the lock decides
-            return False
-        raise RunFolderError(f"{run_dir}: exists and is not a folder; choose another --name or --runs-dir.") from None
-    except OSError as e:
-        raise RunFolderError(f"{e.filename or run_dir}: cannot create the run folder ({e.strerror or e}).") from None
+    missing = [run_dir] + [p for p in run_dir.parents if not p.exists()]
+    created = []
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+            created.append(folder)
+        except FileExistsError:
+            if not folder.is_dir():
+                raise RunFolderError(f"{folder}: exists and is not a folder; choose another --name or "
+                                     f"--runs-dir.") from None
+            # else: made by a process starting at the same moment; the lock decides who runs
+        except OSError as e:
+            raise RunFolderError(f"{e.filename or folder}: cannot create the run folder ({e.strerror or e}).") \
+                from None
+    return created
 
 
 def _acquire(path: Path, run_dir: Path) -> int:
