@@ -97,8 +97,7 @@ def test_default_output_never_inside_a_checkpoint_and_no_overwrite(trained_run, 
     assert main(["export", str(trained_run), "--out", str(out)]) == 2
     assert "m.onnx already exists; not replacing it" in capsys.readouterr().err
     assert out.read_bytes() == b"old contents"
-    out.unlink()
-    assert main(["export", str(trained_run), "--out", str(out)]) == 0
+    assert main(["export", str(trained_run), "--out", str(out), "--force"]) == 0  # asked for: replaced atomically
     assert "max |logit diff|" in capsys.readouterr().out
     onnx.checker.check_model(onnx.load(str(out)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no temporary file left behind
