@@ -7,6 +7,7 @@ the same loop runs data-parallel: ``batch_size`` is per process, rank 0 alone wr
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -19,15 +20,18 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoints as ckpts
+from . import memory, rundir
+from .devices import resolve_device
 from .data import Dataset, holdout_split
 from .errors import CheckpointError, TrainingError
-from .evaluate import default_device, predict_logits
+from .evaluate import predict_logits
 from .fsutil import atomic_write_json, atomic_write_text
 from .models import Net, Whiten, get_declaration
 from .optimizers import make_muon
 from .precision import autocast, grad_scaler, resolve_precision  # noqa: F401 (resolve_precision re-exported)
 from .recipes import PRESETS, Recipe, recipe_from, saved_recipe  # noqa: F401 (re-exported)
 from .threads import AdaptiveThreads
+from .validation import check_position
 from .transforms import Augment, Normalization, alternating_flips
 
 
@@ -263,27 +267,31 @@ def train(recipe: Recipe, data: Dataset, run_dir: str | Path, device: str | torc
     if data.eval_only:
         raise TrainingError(f"{data.spec or data.name} is an evaluation-only dataset (no training images); train on "
                             f"another dataset and evaluate on this one (cifarlab evaluate RUN --on {data.spec}).")
-    device = torch.device(device) if device else default_device()
+    device = resolve_device(device)  # one-line error for a device this machine does not have
+    memory.check_fits(get_declaration(recipe.model, data.num_classes, data.image_shape), recipe.batch_size,
+                      device)  # before allocating anything
     if channels_last is None:
         channels_last = device.type == "cpu"  # measured faster on CPU for these convs (bench/)
-    run = _Run(recipe, data, Path(run_dir), device, channels_last, resolve_precision(precision, device),
-               keep_checkpoints, log)
-    if resume:
-        run.resume()
-    run.parallelize(compile)
-    run.create_folder(tensorboard)
-    threads_before = torch.get_num_threads()
-    if adaptive_threads and device.type == "cpu" and run.dist.world == 1 and threads_before > 1:
-        run.threads = AdaptiveThreads(threads_before, log=log)
-        run.base_meta["threads"] = "adaptive"
-    try:
-        return run.loop(progress, checkpoint_every, max_steps)
-    finally:
-        if run.threads is not None:
-            log(run.threads.describe())
-            torch.set_num_threads(threads_before)
-        if run.writer is not None:
-            run.writer.close()
+    # Rank 0 owns the folder (an exclusive lock for the whole run); a new run needs it missing or empty.
+    with rundir.claim(run_dir, resume) if dist_info().is_main else contextlib.nullcontext():
+        run = _Run(recipe, data, Path(run_dir), device, channels_last, resolve_precision(precision, device),
+                   keep_checkpoints, log)
+        if resume:
+            run.resume()
+        run.parallelize(compile)
+        run.create_folder(tensorboard)
+        threads_before = torch.get_num_threads()
+        if adaptive_threads and device.type == "cpu" and run.dist.world == 1 and threads_before > 1:
+            run.threads = AdaptiveThreads(threads_before, log=log)
+            run.base_meta["threads"] = "adaptive"
+        try:
+            return run.loop(progress, checkpoint_every, max_steps)
+        finally:
+            if run.threads is not None:
+                log(run.threads.describe())
+                torch.set_num_threads(threads_before)
+            if run.writer is not None:
+                run.writer.close()
 
 
 class _Run:
@@ -328,6 +336,7 @@ class _Run:
             "threads": torch.get_num_threads(),
         }
         self.threads: AdaptiveThreads | None = None  # set by train() for adaptive_threads
+        self.base_meta["data_identity"] = rundir.data_identity(data)  # compared on resume
 
     # -- set-up --------------------------------------------------------------------------------------
 
@@ -346,19 +355,25 @@ class _Run:
         return model
 
     def resume(self) -> None:
-        ckpt = _try_resume(self.run_dir, self.recipe, self.log)
+        ckpt = _try_resume(self.run_dir, self.recipe, self.log, self.model.declaration,
+                           self.base_meta["data_identity"])
         if ckpt is None:
             return
+        check_position(ckpt.train_state, self.recipe.epochs, self.spe, ckpt.path, CheckpointError)
         self.model.load_state_dict(ckpt.model.state_dict())
         if "normalization" in ckpt.meta:  # exactly the statistics the run started with
             self.normalization = Normalization.from_dict(ckpt.meta["normalization"])
             self.base_meta["normalization"] = self.normalization.to_dict()
-        if self.lookahead is not None:
-            self.lookahead.restore({k: ckpt.optimizer_tensors.pop(k) for k in list(ckpt.optimizer_tensors)
-                                    if k.startswith(Lookahead.PREFIX)})
-        _restore_optimizer(self.optimizer, ckpt.optimizer_tensors, ckpt.train_state["optimizer"])
-        if self.scaler is not None and ckpt.train_state.get("grad_scaler"):
-            self.scaler.load_state_dict(ckpt.train_state["grad_scaler"])
+        try:
+            if self.lookahead is not None:
+                self.lookahead.restore({k: ckpt.optimizer_tensors.pop(k) for k in list(ckpt.optimizer_tensors)
+                                        if k.startswith(Lookahead.PREFIX)})
+            _restore_optimizer(self.optimizer, ckpt.optimizer_tensors, ckpt.train_state["optimizer"])
+            if self.scaler is not None and ckpt.train_state.get("grad_scaler"):
+                self.scaler.load_state_dict(ckpt.train_state["grad_scaler"])
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+            raise CheckpointError(f"{ckpt.path}: the optimizer state does not fit this model ({type(e).__name__}: "
+                                  f"{str(e)[:200]}); the training state is damaged.") from None
         torch.set_rng_state(ckpt.optimizer_tensors_rng)
         self.history = ckpt.meta.get("history", [])
         self.start_epoch, self.start_step = ckpt.train_state["epoch"], ckpt.train_state["step_in_epoch"]
@@ -610,16 +625,23 @@ def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int) -> None:
                             f"(--resume keeps the recipe).")
 
 
-def _try_resume(run_dir: Path, recipe: Recipe, log):
+def _try_resume(run_dir: Path, recipe: Recipe, log, declaration: dict | None = None, data_identity: dict | None = None):
     if not ckpts.checkpoint_dirs(run_dir):
+        rundir.check_resumable_without_checkpoint(run_dir)  # never into a folder that holds something else
         log(f"no checkpoint in {run_dir}; starting from scratch")
         return None
     ckpt = ckpts.load_latest(run_dir, with_train_state=True, report=log)
     saved = saved_recipe(ckpt.train_state.get("recipe", {}))
-    if saved and saved != asdict(recipe):
-        diff = {k: (saved.get(k), v) for k, v in asdict(recipe).items() if saved.get(k) != v}
-        raise CheckpointError(f"{ckpt.path}: --resume with a different recipe {diff} (saved, asked); "
-                              f"resume with the same settings or start a new run.")
+    # The model is compared by its declaration's content (a file may be edited, or moved), the data by
+    # its identity (counts, classes, checksums): resume continues exactly the run it was started as.
+    model_diff = rundir.declaration_differences(ckpt.model.declaration, declaration) if declaration else []
+    diff = {k: (saved.get(k), v) for k, v in asdict(recipe).items()
+            if saved.get(k) != v and (k != "model" or declaration is None or model_diff)} if saved else {}
+    differences = ([f"--resume with a different recipe {diff} (saved, asked)"] if diff else []) + model_diff \
+        + rundir.identity_differences(ckpt.meta.get("data_identity"), data_identity or {})
+    if differences:
+        raise CheckpointError(f"{ckpt.path}: " + "; ".join(differences) + "; resume with the run's own settings and "
+                              f"data, or start a new run (another --name).")
     world = dist_info().world
     if ckpt.train_state.get("world_size", 1) != world:
         raise CheckpointError(f"{ckpt.path}: saved with {ckpt.train_state.get('world_size')} processes, resumed "
