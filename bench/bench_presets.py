@@ -32,7 +32,7 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--targets", type=float, nargs="+", default=[0.784, 0.9])
     ap.add_argument("--device")
-    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     args = ap.parse_args()
     data = load_cifar10(args.data_dir, download=False)
     recipe = recipe_from(args.preset, epochs=args.epochs)

@@ -11,6 +11,9 @@ on first use with `pip install tensorflow-cpu`), never as a cifarlab dependency.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import importlib
 import json
 import subprocess
 import sys
@@ -50,6 +53,18 @@ def cifarlab_rate(data: CIFAR10, preset: str, steps: int, repeats: int, train_kw
                        **(train_kwargs or {}))
         rates.append(result.history[0]["images_per_s"])
     return median(rates[1:])
+
+
+@contextlib.contextmanager
+def per_parameter_optimizer():
+    """cifarlab as before issue 13: PyTorch's per-parameter optimizer loop instead of foreach (same steps)."""
+    T = importlib.import_module("cifarlab.train")  # (the package's `train` attribute is the function)
+    original = T.make_optimizer
+    T.make_optimizer = functools.partial(original, foreach=False)
+    try:
+        yield
+    finally:
+        T.make_optimizer = original
 
 
 def eval_rate(data: CIFAR10, preset: str, repeats: int) -> float:
@@ -150,7 +165,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-keras", action="store_true")
     ap.add_argument("--presets", action="store_true", help="also measure the fast and airbench94 presets")
-    ap.add_argument("--variants", action="store_true", help="also cifarlab with NCHW and with torch.compile")
+    ap.add_argument("--variants", action="store_true", help="also Keras mixed_bfloat16, cifarlab with the "
+                    "per-parameter optimizer loop, with NCHW and with torch.compile")
     ap.add_argument("--only-presets", action="store_true", help="just the presets table")
     args = ap.parse_args()
     data = load_cifar10(args.data_dir, download=False)
@@ -181,6 +197,10 @@ def compare_exercise(data: CIFAR10, args) -> None:
         k = keras_run(data.root, *steps, "--mixed-bf16")
         rows.append({"implementation": k["framework"] + " (CPU)", "train img/s": k["images_per_s"]})
     if args.variants:
+        with per_parameter_optimizer():
+            rows.append({"implementation": f"cifarlab {precision}, per-parameter optimizer loop (foreach off, as "
+                                           f"before issue 13)",
+                         "train img/s": cifarlab_rate(data, "exercise", args.steps, args.repeats)})
         rows.append({"implementation": "cifarlab, NCHW instead of channels_last",
                      "train img/s": cifarlab_rate(data, "exercise", args.steps, args.repeats,
                                                   {"channels_last": False})})

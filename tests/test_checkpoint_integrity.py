@@ -128,12 +128,47 @@ def test_damaged_optimizer_state_is_detected_and_skipped(run):
      "stored architecture is invalid: layer 0 'conv_1' (conv): 'filters' = 1000000000000 is outside 1..8192"),
 ], ids=["not-json", "wrong-checksum", "wrong-format", "hostile-architecture"])
 def test_damaged_or_hostile_metadata_is_a_clear_error(run, edit, words):
+    # Written consistently (metadata checksum recomputed, the copy in the weights file's header too), so
+    # the checks behind the checksum are what refuses it.
     newest = ckpts.checkpoint_dirs(run)[0]
     meta_path = newest / ckpts.META_FILE
-    meta_path.write_text(edit(json.loads(meta_path.read_text())))
+    resign(newest, edit(json.loads(meta_path.read_text())))
     with pytest.raises(CheckpointError) as info:
         ckpts.load_checkpoint(newest)
     assert words in str(info.value) and str(newest) in str(info.value)
+
+
+def resign(folder: Path, text: str) -> None:
+    """Write ``text`` as the folder's metadata the way save_checkpoint would: with its checksum, and the
+    same copy in model.safetensors' header (weights unchanged)."""
+    from safetensors.torch import load_file, save_file
+
+    from cifarlab.validation import META_SHA_KEY, meta_sha256
+
+    try:
+        meta = json.loads(text)
+        if isinstance(meta, dict):
+            meta[META_SHA_KEY] = meta_sha256(meta)
+            text = json.dumps(meta)
+    except ValueError:
+        pass
+    weights = folder / ckpts.MODEL_FILE
+    save_file(load_file(weights), weights, metadata={"cifarlab": text})
+    (folder / ckpts.META_FILE).write_text(text)
+
+
+def test_an_edited_meta_json_is_detected_by_its_checksum(run):
+    newest = ckpts.checkpoint_dirs(run)[0]
+    meta_path = newest / ckpts.META_FILE
+    for edit in (lambda m: dict(m, classes=list("abcdefghij")), lambda m: dict(m, epoch=7),
+                 lambda m: {k: v for k, v in dict(m, epoch=0).items() if k != "meta_sha256"}):
+        original = meta_path.read_text()
+        meta_path.write_text(json.dumps(edit(json.loads(original))))
+        with pytest.raises(CheckpointError, match=r"meta\.json: metadata checksum .* does not match the stored .*"
+                                                  r"changed after it was written"):
+            ckpts.load_checkpoint(newest)
+        meta_path.write_text(original)
+    assert ckpts.load_checkpoint(newest).path == newest
 
 
 def test_damaged_final_model_falls_back_to_the_newest_checkpoint(run):
@@ -182,8 +217,11 @@ def test_nan_in_the_data_stops_training_and_keeps_the_last_good_checkpoint(tiny,
     assert not list((run / "checkpoints").glob(".step-*"))
     ckpt = ckpts.load_latest(run, with_train_state=True)
     assert all(torch.isfinite(t).all() for t in ckpt.model.state_dict().values())
-    # With the bad image gone, the run resumes from step 4 and finishes.
-    result = train(recipe_from("exercise", **RECIPE), tiny, run, resume=True, checkpoint_every=EVERY, **QUIET)
+    # With the bad image gone the data is not the data the run started on: resume names the difference
+    # (issue 14: a resume continues exactly the run it was started as); a new run with the good data trains.
+    with pytest.raises(CheckpointError, match=r"step-000000004: data train_sha256 \w+\.\.\. \(saved\) vs \w+\.\.\. \(now\)"):
+        train(recipe_from("exercise", **RECIPE), tiny, run, resume=True, checkpoint_every=EVERY, **QUIET)
+    result = train(recipe_from("exercise", **RECIPE), tiny, run.with_name("fixed"), checkpoint_every=EVERY, **QUIET)
     assert len(result.history) == 1 and np.isfinite(result.history[0]["train_loss"])
 
 

@@ -52,7 +52,7 @@ def test_run_end_to_end_then_evaluate_json(data_dir, tmp_path):
     assert "validation: test set (as in the exercise)" in proc.stdout
 
     again = cifarlab("run", "--epochs", "1", "--name", "smoke", "--runs-dir", runs, "--data-dir", data_dir)
-    assert again.returncode == 2 and "already holds a run" in again.stderr
+    assert again.returncode == 2 and "is not empty (it holds " in again.stderr
 
     ev = cifarlab("evaluate", run, "--json", "--data-dir", data_dir, "--out", tmp_path / "ev")
     assert ev.returncode == 0, ev.stderr[-3000:]

@@ -86,12 +86,18 @@ def test_every_layer_type_exports(tmp_path, cifar):
     assert check["same_predictions"] and check["max_abs_logit_diff"] < TOLERANCE
 
 
-def test_default_output_and_atomic_replace(trained_run, tmp_path, capsys):
+def test_default_output_never_inside_a_checkpoint_and_no_overwrite(trained_run, tmp_path, capsys):
     assert default_output(trained_run) == trained_run / "model.onnx"
     assert default_output(tmp_path / "w.safetensors") == tmp_path / "w.onnx"
+    assert default_output(trained_run / "final") == trained_run / "model.onnx"
+    assert default_output(trained_run / "final" / "model.safetensors") == trained_run / "model.onnx"
     out = tmp_path / "m.onnx"
     out.write_bytes(b"old contents")
-    assert main(["export", str(trained_run), "--out", str(out)]) == 0
+    # Issue 14 case 3: an existing file at --out is never replaced (the old behaviour replaced it).
+    assert main(["export", str(trained_run), "--out", str(out)]) == 2
+    assert "m.onnx already exists; not replacing it" in capsys.readouterr().err
+    assert out.read_bytes() == b"old contents"
+    assert main(["export", str(trained_run), "--out", str(out), "--force"]) == 0  # asked for: replaced atomically
     assert "max |logit diff|" in capsys.readouterr().out
     onnx.checker.check_model(onnx.load(str(out)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no temporary file left behind

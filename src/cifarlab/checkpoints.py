@@ -30,9 +30,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load_bytes
 from safetensors.torch import save as st_save_bytes
 
-from .errors import CheckpointError
+from . import validation as V
+from .errors import CheckpointError, short_repr
 from .fsutil import fsync_dir, umask
-from .models import Net, validate
+from .models import MAX_PARAMS, Net, validate
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
@@ -40,6 +41,11 @@ STATE_FILE = "train_state.safetensors"
 FORMAT = "cifarlab-checkpoint-1"
 CKPT_DIR = "checkpoints"
 CKPT_RE = re.compile(r"^step-(\d{9})$")
+OWN_FILES = {MODEL_FILE, META_FILE, STATE_FILE}
+# Size limits checked before a file is read: the largest model allowed (MAX_PARAMS fp32 values) plus
+# its header; a training state holds up to four tensors per parameter (optimizer moments, lookahead).
+MAX_WEIGHTS_BYTES = 4 * MAX_PARAMS + (64 << 20)
+MAX_STATE_BYTES = 4 * MAX_WEIGHTS_BYTES
 
 
 @dataclass
@@ -87,6 +93,7 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module, meta: dict,
     folder.parent.mkdir(parents=True, exist_ok=True)
     tensors = _state_tensors(model)
     meta = dict(meta, format=FORMAT, weights_sha256=weights_sha256(tensors), versions=versions())
+    meta[V.META_SHA_KEY] = V.meta_sha256(meta)
     tmp = None
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
@@ -96,13 +103,14 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module, meta: dict,
         if train_state is not None:
             opt = {k: v.detach().cpu().contiguous() for k, v in (optimizer_tensors or {}).items()}
             opt_meta = {"cifarlab_train_state": json.dumps(train_state),
-                        "optimizer_sha256": weights_sha256(opt)}
+                        "optimizer_sha256": weights_sha256(opt), V.STATE_SHA_KEY: V.state_sha256(train_state)}
             _write_file(tmp / STATE_FILE, st_save_bytes(opt, metadata=opt_meta))
         fsync_dir(tmp)
         if folder.exists():
             # Keep the old copy until the new one is in place; drop it afterwards.
             old = folder.with_name(f".{folder.name}.old")
             shutil.rmtree(old, ignore_errors=True)
+            _carry_foreign_files(folder, tmp)
             os.rename(folder, old)
             os.rename(tmp, folder)
             shutil.rmtree(old, ignore_errors=True)
@@ -122,17 +130,36 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module, meta: dict,
     return folder
 
 
+def _carry_foreign_files(old: Path, new: Path) -> None:
+    """Files a user put into a checkpoint folder (an export, notes) move into its replacement: replacing
+    a checkpoint (a resumed run's final/, import-keras --force) replaces cifarlab's files only.
+    (Hard links, or copies where links are not possible: the old folder keeps its files until the new
+    one is in place, so a crash here loses nothing.)"""
+    for entry in old.iterdir():
+        if entry.name in OWN_FILES or os.path.lexists(new / entry.name):
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), new / entry.name)
+        elif entry.is_dir():
+            shutil.copytree(entry, new / entry.name, copy_function=_link_or_copy)
+        elif entry.is_file():
+            _link_or_copy(entry, new / entry.name)
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Loading
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file is missing.") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read it ({e.strerror}).") from None
+def _read_safetensors(path: Path, max_bytes: int = MAX_WEIGHTS_BYTES) -> tuple[dict[str, torch.Tensor], dict]:
+    # A FIFO, a device (a symlink to /dev/urandom) or a huge sparse file is refused before any read.
+    data = V.read_bounded(path, max_bytes, "file", CheckpointError)
     try:
         tensors = st_load_bytes(data)
         header_len = int.from_bytes(data[:8], "little")
@@ -142,15 +169,45 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, header.get("__metadata__") or {}
 
 
-def _parse_meta(text: str, source: str) -> dict:
+def _parse_meta(text: str | bytes, source: str) -> dict:
     try:
-        meta = json.loads(text)
-    except ValueError as e:
-        raise CheckpointError(f"{source}: metadata is not valid JSON ({e}).") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{source}: not a cifarlab checkpoint (format {meta.get('format')!r} "
-                              f"if a dict), expected {FORMAT!r}.")
+        meta = V.parse_json(text, source, CheckpointError)
+    except CheckpointError as e:
+        raise CheckpointError(str(e).replace(f"{source}: not valid JSON", f"{source}: metadata is not valid JSON",
+                                             1)) from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{source}: not a cifarlab checkpoint: the metadata is {V._type(meta)}, not an "
+                              f"object.")
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{source}: not a cifarlab checkpoint (format {short_repr(meta.get('format'), 60)}), "
+                              f"expected {FORMAT!r}.")
     return meta
+
+
+def _verified_meta(meta: dict, header_meta: dict, source: Path) -> dict:
+    """The metadata's checksum (stored in it and in the weights file's header) must match, then every
+    field must pass the schema (types, bounds, finite numbers)."""
+    expected = meta.get(V.META_SHA_KEY)
+    if "cifarlab" in header_meta and source.name == META_FILE:
+        try:
+            embedded = json.loads(header_meta["cifarlab"])
+            expected = embedded.get(V.META_SHA_KEY) or expected
+        except (ValueError, RecursionError, AttributeError):
+            pass  # the header is checked when it is the metadata used
+    if expected is not None:
+        actual = V.meta_sha256(meta)
+        if actual != expected:
+            raise CheckpointError(f"{source}: metadata checksum {actual[:12]}... does not match the stored "
+                                  f"{str(expected)[:12]}...; the metadata was changed after it was written "
+                                  f"(damaged or edited).")
+    return V.check_meta(meta, source, CheckpointError, expected_format=FORMAT)
+
+
+def _check_finite(tensors: dict, source: Path) -> None:
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"{source}: weights hold NaN or infinite values ({', '.join(bad[:3])}"
+                              f"{', ...' if len(bad) > 3 else ''}); refusing the checkpoint.")
 
 
 def load_checkpoint(path: str | Path, map_location: str = "cpu", allow_pickle: bool = False,
@@ -169,10 +226,12 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu", allow_pickle: b
                               f"with {MODEL_FILE}, or a .safetensors file).")
     tensors, header_meta = _read_safetensors(weights)
     meta_path = weights.parent / META_FILE
-    if weights.name == MODEL_FILE and meta_path.exists():
-        meta = _parse_meta(meta_path.read_text(), str(meta_path))
+    if weights.name == MODEL_FILE and (meta_path.exists() or meta_path.is_symlink()):
+        meta = _parse_meta(V.read_bounded(meta_path, V.MAX_JSON_BYTES, "metadata", CheckpointError), str(meta_path))
+        meta = _verified_meta(meta, header_meta, meta_path)
     elif "cifarlab" in header_meta:
         meta = _parse_meta(header_meta["cifarlab"], str(weights))
+        meta = _verified_meta(meta, {}, weights)
     else:
         raise CheckpointError(f"{weights}: safetensors file without cifarlab metadata; cannot tell which "
                               f"architecture it holds.")
@@ -180,24 +239,36 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu", allow_pickle: b
     if actual != meta.get("weights_sha256"):
         raise CheckpointError(f"{weights}: weights checksum {actual[:12]}... does not match the metadata's "
                               f"{str(meta.get('weights_sha256'))[:12]}...; the checkpoint is damaged.")
+    _check_finite(tensors, weights)
     model = _rebuild(meta, tensors, weights)
     ckpt = Checkpoint(model=model.to(map_location), meta=meta, path=weights.parent if path.is_dir() else weights)
     if with_train_state:
-        state_path = weights.parent / STATE_FILE
-        opt, opt_meta = _read_safetensors(state_path)
-        if weights_sha256(opt) != opt_meta.get("optimizer_sha256"):
-            raise CheckpointError(f"{state_path}: optimizer state checksum mismatch; the file is damaged.")
-        try:
-            ckpt.train_state = json.loads(opt_meta["cifarlab_train_state"])
-        except (KeyError, ValueError):
-            raise CheckpointError(f"{state_path}: training state metadata is missing or damaged.") from None
-        ckpt.optimizer_tensors = opt
+        ckpt.train_state, ckpt.optimizer_tensors = _load_train_state(weights.parent / STATE_FILE)
     return ckpt
+
+
+def _load_train_state(state_path: Path) -> tuple[dict, dict]:
+    """The training-state header and tensors, checksummed and validated field by field."""
+    opt, opt_meta = _read_safetensors(state_path, MAX_STATE_BYTES)
+    if weights_sha256(opt) != opt_meta.get("optimizer_sha256"):
+        raise CheckpointError(f"{state_path}: optimizer state checksum mismatch; the file is damaged.")
+    if "cifarlab_train_state" not in opt_meta:
+        raise CheckpointError(f"{state_path}: training state metadata is missing or damaged.")
+    try:
+        state = V.parse_json(opt_meta["cifarlab_train_state"], state_path, CheckpointError)
+    except CheckpointError as e:
+        raise CheckpointError(f"training state metadata is missing or damaged: {e}") from None
+    expected = opt_meta.get(V.STATE_SHA_KEY)
+    if expected is not None and isinstance(state, dict) and V.state_sha256(state) != expected:
+        raise CheckpointError(f"{state_path}: training state checksum mismatch; the header was changed after it "
+                              f"was written (damaged or edited).")
+    _check_finite({k: v for k, v in opt.items() if not k.startswith("rng.")}, state_path)
+    return V.check_train_state(state, opt, state_path, CheckpointError), opt
 
 
 def _rebuild(meta: dict, tensors: dict, source: Path) -> Net:
     try:
-        decl = validate(meta["architecture"], num_classes=len(meta.get("classes", range(10))))
+        decl = validate(meta["architecture"], num_classes=len(meta["classes"]))
     except KeyError:
         raise CheckpointError(f"{source}: metadata has no 'architecture' declaration.") from None
     except Exception as e:

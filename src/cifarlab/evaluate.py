@@ -45,6 +45,10 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, normalization: 
     (measured for the exercise and fast nets).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    if isinstance(getattr(model, "declaration", None), dict):  # refused with the number, before the first batch
+        from .memory import check_fits
+
+        check_fits(model.declaration, max(1, min(batch_size, len(images))), device, training=False)
     context = autocast(device, resolve_precision(precision, device, training=False))
     was_training = model.training
     model.eval()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -27,10 +28,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import checkpoints as ckpts
 from .checkpoints import Checkpoint, load_checkpoint
 from .errors import CifarlabError
 from .evaluate import predict_logits
-from .fsutil import atomic_write_bytes
+from .fsutil import atomic_create_bytes, atomic_write_bytes
 from .temperature import checkpoint_temperature
 from .transforms import Normalization
 
@@ -146,8 +148,32 @@ def compare_with_torch(model: bytes | str | Path, ckpt: Checkpoint, images: torc
             "same_predictions": bool((logits.argmax(1) == expected.argmax(1)).all())}
 
 
-def export_onnx(ckpt: Checkpoint, out: str | Path, opset: int = DEFAULT_OPSET, verify: bool = True) -> dict:
-    """Write the ONNX model atomically; with ``verify``, first check it against PyTorch in onnxruntime."""
+def check_output(out: str | Path, overwrite: bool = False) -> Path:
+    """An export never goes into a checkpoint folder (its files belong to the checkpoint, and a resumed run
+    replaces it) and never replaces an existing file unless ``overwrite`` (and never a folder or link)."""
+    out = Path(out)
+    parent = Path(os.path.abspath(out)).parent
+    for folder in (parent, *list(parent.parents)[:2]):
+        if (folder / ckpts.MODEL_FILE).exists() or (folder / ckpts.META_FILE).exists() \
+                or ckpts.CKPT_RE.match(folder.name) or folder.name == ckpts.CKPT_DIR:
+            raise CifarlabError(f"{out}: inside the checkpoint folder {folder}; exports never go into a checkpoint "
+                                f"(choose --out elsewhere, e.g. the run folder).")
+    if os.path.lexists(out):
+        if not overwrite or out.is_symlink() or not out.is_file():
+            raise CifarlabError(f"{out} already exists; not replacing it. Choose another --out"
+                                + (" (or pass --force to replace a file)." if not overwrite else "."))
+        if out.name in ckpts.OWN_FILES:
+            raise CifarlabError(f"{out}: a checkpoint's own file name; never replaced by an export.")
+    if not parent.is_dir():
+        raise CifarlabError(f"{out}: the folder {parent} does not exist.")
+    return out
+
+
+def export_onnx(ckpt: Checkpoint, out: str | Path, opset: int = DEFAULT_OPSET, verify: bool = True,
+                overwrite: bool = False) -> dict:
+    """Write the ONNX model atomically; with ``verify``, first check it against PyTorch in onnxruntime.
+    Refuses an output inside a checkpoint folder, and an existing file unless ``overwrite``."""
+    out = check_output(out, overwrite)
     data = onnx_bytes(ckpt, opset)
     report = {"path": str(out), "bytes": len(data), "opset": opset}
     if verify and _has_onnxruntime():
@@ -159,7 +185,14 @@ def export_onnx(ckpt: Checkpoint, out: str | Path, opset: int = DEFAULT_OPSET, v
             raise CifarlabError(f"the exported ONNX model disagrees with PyTorch (max |logit diff| "
                                 f"{check['max_abs_logit_diff']:.3g} > {VERIFY_TOLERANCE}); not writing {out}.")
         report["verified"] = check
-    atomic_write_bytes(out, data)
+    check_output(out, overwrite)  # again: the export took a while
+    if overwrite:
+        atomic_write_bytes(out, data)
+    else:
+        try:
+            atomic_create_bytes(out, data)
+        except FileExistsError:
+            raise CifarlabError(f"{out} appeared while exporting; not replacing it.") from None
     return report
 
 
@@ -172,6 +205,17 @@ def _has_onnxruntime() -> bool:
 
 
 def default_output(checkpoint: str | Path) -> Path:
-    """Beside a .safetensors file (same name, .onnx), else ``model.onnx`` inside the run/checkpoint folder."""
+    """Beside a .safetensors file (same name, .onnx); ``model.onnx`` in a run folder; for a checkpoint
+    folder, beside it (``final`` -> the run's ``model.onnx``, ``step-N`` -> ``step-N.onnx``), never inside."""
     path = Path(checkpoint)
-    return path.with_suffix(".onnx") if path.suffix == ".safetensors" else path / "model.onnx"
+    if path.suffix == ".safetensors":
+        if path.name == ckpts.MODEL_FILE and (path.parent / ckpts.META_FILE).exists():
+            return default_output(path.parent)
+        return path.with_suffix(".onnx")
+    if (path / ckpts.MODEL_FILE).exists():
+        if path.name == "final":
+            return path.parent / "model.onnx"
+        beside = path.parent.parent if path.parent.name == ckpts.CKPT_DIR else path.parent
+        return beside / f"{path.name}.onnx"
+    return path / "model.onnx"
+

@@ -43,11 +43,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError) and not e.filename:  # a full disk ("[Errno 28]") says which file it hit
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
         raise
     fsync_dir(path.parent)
 
@@ -58,3 +60,25 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_create_bytes(path: str | Path, data: bytes) -> None:
+    """Like :func:`atomic_write_bytes`, but never replaces anything: FileExistsError if ``path`` exists
+    (checked atomically by the final hard link, so a file appearing meanwhile is not overwritten either)."""
+    path = Path(path)
+    if os.path.lexists(path):
+        raise FileExistsError(17, "File exists", str(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~umask())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+    fsync_dir(path.parent)

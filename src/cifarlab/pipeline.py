@@ -10,6 +10,7 @@ import numpy as np
 
 from . import plots
 from .checkpoints import Checkpoint
+from .devices import resolve_device
 from .data import Dataset
 from .errors import CheckpointError
 from .evaluate import TTA_LEVELS, Evaluation, accuracy_gap, checkpoint_tta, evaluate_model, tta_level
@@ -32,14 +33,16 @@ def evaluate_to_folder(ckpt: Checkpoint, data: Dataset, out_dir: str | Path, see
                        shifted: list[Dataset] = ()) -> tuple[Evaluation, dict]:
     """Test-set evaluation: results.json, confusion matrix (PNG + counts), per-class accuracy, galleries."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if device:
+        device = resolve_device(device)  # before the folder exists: a bad --device leaves no empty eval/
     check_compatible(ckpt, data)
+    out_dir.mkdir(parents=True, exist_ok=True)
     normalization = Normalization.from_dict(ckpt.meta["normalization"])
     tta = checkpoint_tta(ckpt.meta, tta)
     model = ckpt.model.to(device) if device else ckpt.model
     ev = evaluate_model(model, data.test.images, data.test.labels, data.classes, normalization, tta=tta, device=device)
     results = dict(ev.to_dict(), checkpoint=str(ckpt.path), architecture=ckpt.meta["architecture"]["name"],
-                   tta=tta, epoch=ckpt.meta.get("epoch"))
+                   tta=tta, epoch=ckpt.meta.get("epoch"), weights_sha256=ckpt.meta.get("weights_sha256"))
     rng = np.random.default_rng(seed)
     random_idx = rng.choice(len(ev.labels), size=min(gallery_size, len(ev.labels)), replace=False)
     worst_idx = ev.worst_mistakes(gallery_size)

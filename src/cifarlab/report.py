@@ -65,18 +65,34 @@ def _results(run_dir: Path, ckpt, data, log) -> dict:
     eval_dir = run_dir / "eval"
     path = eval_dir / "results.json"
     if path.exists() and all((eval_dir / name).exists() for name in EVAL_PNGS):
-        try:
-            results = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise ReportError(f"{path}: cannot read it ({e}); delete it to let the report recompute it") from None
-        if _same_path(results.get("checkpoint"), ckpt.path):
+        results, why = _stored_results(path, ckpt)
+        if results is not None:
             return results
-        log(f"{path} is for another checkpoint ({results.get('checkpoint')}); evaluating {ckpt.path}")
+        log(f"{path}: {why}; evaluating {ckpt.path} again")
     else:
         log(f"evaluating {ckpt.path} on the test set into {eval_dir}")
     seed = int(ckpt.meta.get("recipe", {}).get("seed", 0))
     evaluate_to_folder(ckpt, data, eval_dir, seed=seed)
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _stored_results(path: Path, ckpt) -> tuple[dict | None, str]:
+    """(results, "") when ``path`` is well-formed and describes exactly this checkpoint, else (None, why):
+    checked before any rendering, so a malformed or stale file is recomputed instead of crashing the page."""
+    from .validation import ValidationError, check_results, load_json_file
+
+    try:
+        results = check_results(load_json_file(path, "evaluation results"), path)
+    except ValidationError as e:
+        return None, f"unusable ({str(e).removeprefix(f'{path}: ')})"
+    if not _same_path(results["checkpoint"], ckpt.path):
+        return None, f"is for another checkpoint ({results['checkpoint']})"
+    sha = results.get("weights_sha256")
+    if sha is not None and sha != ckpt.meta.get("weights_sha256"):
+        return None, "is for other weights of this checkpoint (it was trained further since)"
+    if results["classes"] != list(ckpt.meta.get("classes", [])):
+        return None, "names other classes than the checkpoint"
+    return results, ""
 
 
 def _same_path(a, b) -> bool:

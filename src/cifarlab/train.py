@@ -7,6 +7,7 @@ the same loop runs data-parallel: ``batch_size`` is per process, rank 0 alone wr
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -19,13 +20,18 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoints as ckpts
+from . import memory, rundir
+from .devices import resolve_device
 from .data import Dataset, holdout_split
 from .errors import CheckpointError, TrainingError
-from .evaluate import default_device, predict_logits
+from .evaluate import predict_logits
 from .fsutil import atomic_write_json, atomic_write_text
 from .models import Net, Whiten, get_declaration
-from .precision import autocast, resolve_precision  # noqa: F401 (resolve_precision re-exported)
+from .optimizers import make_muon
+from .precision import autocast, grad_scaler, resolve_precision  # noqa: F401 (resolve_precision re-exported)
 from .recipes import PRESETS, Recipe, recipe_from, saved_recipe  # noqa: F401 (re-exported)
+from .threads import AdaptiveThreads
+from .validation import check_position
 from .transforms import Augment, Normalization, alternating_flips
 
 
@@ -33,14 +39,19 @@ from .transforms import Augment, Normalization, alternating_flips
 # Pieces of the loop
 
 
-def make_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(recipe: Recipe, model: torch.nn.Module, foreach: bool = True) -> torch.optim.Optimizer:
+    """The recipe's optimizer. ``foreach``: PyTorch's multi-tensor implementation (one kernel per operation
+    for all parameters instead of one per parameter; PyTorch picks it on CUDA only). Bitwise the same
+    updates as the per-parameter loop (tests/test_optimizers_foreach.py) with fewer small ops per step."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if recipe.optimizer == "muon":  # Muon on the conv filters, SGD on the rest (airbench94_muon)
+        return make_muon(recipe, model)
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(_sgd_groups(recipe, model), lr=recipe.lr, momentum=recipe.momentum,
-                               nesterov=recipe.nesterov)
+                               nesterov=recipe.nesterov, foreach=foreach)
     cls = {"adamax": torch.optim.Adamax, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[recipe.optimizer]
     # eps=1e-8: Keras 2.0.6's Adamax default, the exercise's (and PyTorch's) value.
-    return cls(params, lr=recipe.lr, weight_decay=recipe.weight_decay, eps=1e-8)
+    return cls(params, lr=recipe.lr, weight_decay=recipe.weight_decay, eps=1e-8, foreach=foreach)
 
 
 def _sgd_groups(recipe: Recipe, model: torch.nn.Module) -> list[dict]:
@@ -197,9 +208,14 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, info: di
     optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
 
 
-def _set_lr(optimizer, lr):
+def _set_lr(optimizer, lr, progress: float | None = None):
+    """Every group's lr: the schedule's ``lr`` x the group's lr_scale; a group with ``zero_at`` (a fraction of
+    training) instead falls linearly from its ``peak_lr`` to 0 at that point (airbench94_muon's whitening bias)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        if progress is not None and group.get("zero_at"):
+            group["lr"] = group["peak_lr"] * max(0.0, 1.0 - progress / group["zero_at"])
+        else:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 class Lookahead:
@@ -237,31 +253,45 @@ class Lookahead:
 def train(recipe: Recipe, data: Dataset, run_dir: str | Path, device: str | torch.device | None = None,
           resume: bool = False, checkpoint_every: int = 0, keep_checkpoints: int = 2, progress: bool = True,
           compile: bool = False, channels_last: bool | None = None, log=print, max_steps: int | None = None,
-          tensorboard: bool = False, precision: str = "auto") -> TrainResult:
+          tensorboard: bool = False, precision: str = "auto", adaptive_threads: bool = False) -> TrainResult:
     """Train ``recipe`` on ``data``, writing checkpoints and metrics.csv into ``run_dir``.
 
     ``precision``: "fp32", "bf16" (autocast: bf16 matrix multiplies and convolutions, fp32 weights,
     optimizer and loss) or "auto": bf16 on CUDA and on CPUs with native bf16 arithmetic, else fp32.
     ``max_steps`` stops after that many optimizer steps in this call (for tests and benchmarks).
+    ``adaptive_threads``: on a CPU, in one process, pick the thread count by measuring (fewer threads when
+    other processes compete for the cores; see :mod:`cifarlab.threads`). Results then depend on the counts
+    used, in the last bits: leave it off where runs must be bitwise reproducible.
     """
     recipe.validate()
     if data.eval_only:
         raise TrainingError(f"{data.spec or data.name} is an evaluation-only dataset (no training images); train on "
                             f"another dataset and evaluate on this one (cifarlab evaluate RUN --on {data.spec}).")
-    device = torch.device(device) if device else default_device()
+    device = resolve_device(device)  # one-line error for a device this machine does not have
+    memory.check_fits(get_declaration(recipe.model, data.num_classes, data.image_shape), recipe.batch_size,
+                      device)  # before allocating anything
     if channels_last is None:
         channels_last = device.type == "cpu"  # measured faster on CPU for these convs (bench/)
-    run = _Run(recipe, data, Path(run_dir), device, channels_last, resolve_precision(precision, device),
-               keep_checkpoints, log)
-    if resume:
-        run.resume()
-    run.parallelize(compile)
-    run.create_folder(tensorboard)
-    try:
-        return run.loop(progress, checkpoint_every, max_steps)
-    finally:
-        if run.writer is not None:
-            run.writer.close()
+    # Rank 0 owns the folder (an exclusive lock for the whole run); a new run needs it missing or empty.
+    with rundir.claim(run_dir, resume) if dist_info().is_main else contextlib.nullcontext():
+        run = _Run(recipe, data, Path(run_dir), device, channels_last, resolve_precision(precision, device),
+                   keep_checkpoints, log)
+        if resume:
+            run.resume()
+        run.parallelize(compile)
+        run.create_folder(tensorboard)
+        threads_before = torch.get_num_threads()
+        if adaptive_threads and device.type == "cpu" and run.dist.world == 1 and threads_before > 1:
+            run.threads = AdaptiveThreads(threads_before, log=log)
+            run.base_meta["threads"] = "adaptive"
+        try:
+            return run.loop(progress, checkpoint_every, max_steps)
+        finally:
+            if run.threads is not None:
+                log(run.threads.describe())
+                torch.set_num_threads(threads_before)
+            if run.writer is not None:
+                run.writer.close()
 
 
 class _Run:
@@ -295,6 +325,7 @@ class _Run:
         self.images = self.train_split.images.to(device)
         self.labels = self.train_split.labels.to(device)
         self.autocast = autocast(device, precision)
+        self.scaler = grad_scaler(device, precision)  # fp16 only (GPUs before compute capability 8.0)
         self.history: list[dict] = []
         self.start_epoch, self.start_step, self.partial = 0, 0, {}
         self.writer = None
@@ -302,7 +333,10 @@ class _Run:
             "architecture": self.model.declaration, "classes": list(data.classes), "dataset": data.describe(),
             "normalization": self.normalization.to_dict(), "recipe": asdict(recipe), "seed": recipe.seed,
             "val_source": self.val_source, "world_size": self.dist.world, "precision": precision,
+            "threads": torch.get_num_threads(),
         }
+        self.threads: AdaptiveThreads | None = None  # set by train() for adaptive_threads
+        self.base_meta["data_identity"] = rundir.data_identity(data)  # compared on resume
 
     # -- set-up --------------------------------------------------------------------------------------
 
@@ -321,17 +355,25 @@ class _Run:
         return model
 
     def resume(self) -> None:
-        ckpt = _try_resume(self.run_dir, self.recipe, self.log)
+        ckpt = _try_resume(self.run_dir, self.recipe, self.log, self.model.declaration,
+                           self.base_meta["data_identity"])
         if ckpt is None:
             return
+        check_position(ckpt.train_state, self.recipe.epochs, self.spe, ckpt.path, CheckpointError)
         self.model.load_state_dict(ckpt.model.state_dict())
         if "normalization" in ckpt.meta:  # exactly the statistics the run started with
             self.normalization = Normalization.from_dict(ckpt.meta["normalization"])
             self.base_meta["normalization"] = self.normalization.to_dict()
-        if self.lookahead is not None:
-            self.lookahead.restore({k: ckpt.optimizer_tensors.pop(k) for k in list(ckpt.optimizer_tensors)
-                                    if k.startswith(Lookahead.PREFIX)})
-        _restore_optimizer(self.optimizer, ckpt.optimizer_tensors, ckpt.train_state["optimizer"])
+        try:
+            if self.lookahead is not None:
+                self.lookahead.restore({k: ckpt.optimizer_tensors.pop(k) for k in list(ckpt.optimizer_tensors)
+                                        if k.startswith(Lookahead.PREFIX)})
+            _restore_optimizer(self.optimizer, ckpt.optimizer_tensors, ckpt.train_state["optimizer"])
+            if self.scaler is not None and ckpt.train_state.get("grad_scaler"):
+                self.scaler.load_state_dict(ckpt.train_state["grad_scaler"])
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+            raise CheckpointError(f"{ckpt.path}: the optimizer state does not fit this model ({type(e).__name__}: "
+                                  f"{str(e)[:200]}); the training state is damaged.") from None
         torch.set_rng_state(ckpt.optimizer_tensors_rng)
         self.history = ckpt.meta.get("history", [])
         self.start_epoch, self.start_step = ckpt.train_state["epoch"], ckpt.train_state["step_in_epoch"]
@@ -391,6 +433,9 @@ class _Run:
         state = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
                  "optimizer": opt_info, "recipe": asdict(self.recipe), "world_size": self.dist.world,
                  "partial_epoch": partial or {}}
+        if self.scaler is not None:
+            state["grad_scaler"] = {k: float(v) if isinstance(v, torch.Tensor) else v
+                                    for k, v in self.scaler.state_dict().items()}
         path = ckpts.save_checkpoint(self.run_dir / ckpts.CKPT_DIR / ckpts.checkpoint_name(global_step), self.model,
                                      meta, train_state=state, optimizer_tensors=opt_tensors)
         ckpts.prune_checkpoints(self.run_dir, keep=self.keep_checkpoints)
@@ -401,7 +446,8 @@ class _Run:
     def loop(self, progress: bool, checkpoint_every: int, max_steps: int | None) -> TrainResult:
         recipe = self.recipe
         self.log(f"training {self.model.declaration['name']} ({self.model.num_parameters():,} parameters) on "
-                 f"{self.device}, {torch.get_num_threads()} threads, {self.precision}; {self.n:,} images, batch "
+                 f"{self.device}, {torch.get_num_threads()} threads{' (adaptive)' if self.threads else ''}, "
+                 f"{self.precision}; {self.n:,} images, batch "
                  f"{recipe.batch_size}{f' x {self.dist.world} processes' if self.dist.world > 1 else ''}, "
                  f"{recipe.epochs} epochs; validation: {self.val_source}")
         self.started = time.perf_counter()
@@ -451,8 +497,11 @@ class _Run:
         try:
             for step in range(start_step, spe):
                 x, y = self._batch(order, flips, step)
-                _set_lr(self.optimizer, learning_rate(recipe, epoch, step, spe))
+                _set_lr(self.optimizer, learning_rate(recipe, epoch, step, spe),
+                        (epoch * spe + step) / (recipe.epochs * spe))
                 loss, logits = self._step(x, y, epoch * spe + step + 1)
+                if self.threads is not None:
+                    self.threads.step_done(len(y))
                 loss_sum += loss.detach() * len(y)
                 correct += (logits.detach().argmax(1) == y).sum()
                 seen += len(y)
@@ -473,6 +522,8 @@ class _Run:
                     path = self.save(epoch, step + 1, {"loss_sum": total_loss, "correct": total_correct,
                                                        "seen": total_seen,
                                                        "seconds": time.perf_counter() - epoch_start})
+                    if self.threads is not None:
+                        self.threads.pause()
                     if stop_now:
                         raise TrainingInterrupted(path or self.run_dir)
                     if out_of_steps:
@@ -480,6 +531,8 @@ class _Run:
         finally:
             if bar is not None:
                 bar.close()
+            if self.threads is not None:
+                self.threads.pause()  # validation and checkpoints are not training steps
         _check_finite(loss_sum, epoch, spe)
         return (*_global_sums(loss_sum, correct, seen, dist), time.perf_counter() - epoch_start)
 
@@ -497,8 +550,13 @@ class _Run:
             logits = self.train_model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=self.recipe.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:  # fp16: scaled loss, unscaled gradients, steps with inf/NaN gradients skipped
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         if self.lookahead is not None:
             self.lookahead.step(self.model, global_step)
         return loss, logits
@@ -581,16 +639,23 @@ def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int) -> None:
                             f"(--resume keeps the recipe).")
 
 
-def _try_resume(run_dir: Path, recipe: Recipe, log):
+def _try_resume(run_dir: Path, recipe: Recipe, log, declaration: dict | None = None, data_identity: dict | None = None):
     if not ckpts.checkpoint_dirs(run_dir):
+        rundir.check_resumable_without_checkpoint(run_dir)  # never into a folder that holds something else
         log(f"no checkpoint in {run_dir}; starting from scratch")
         return None
     ckpt = ckpts.load_latest(run_dir, with_train_state=True, report=log)
     saved = saved_recipe(ckpt.train_state.get("recipe", {}))
-    if saved and saved != asdict(recipe):
-        diff = {k: (saved.get(k), v) for k, v in asdict(recipe).items() if saved.get(k) != v}
-        raise CheckpointError(f"{ckpt.path}: --resume with a different recipe {diff} (saved, asked); "
-                              f"resume with the same settings or start a new run.")
+    # The model is compared by its declaration's content (a file may be edited, or moved), the data by
+    # its identity (counts, classes, checksums): resume continues exactly the run it was started as.
+    model_diff = rundir.declaration_differences(ckpt.model.declaration, declaration) if declaration else []
+    diff = {k: (saved.get(k), v) for k, v in asdict(recipe).items()
+            if saved.get(k) != v and (k != "model" or declaration is None or model_diff)} if saved else {}
+    differences = ([f"--resume with a different recipe {diff} (saved, asked)"] if diff else []) + model_diff \
+        + rundir.identity_differences(ckpt.meta.get("data_identity"), data_identity or {})
+    if differences:
+        raise CheckpointError(f"{ckpt.path}: " + "; ".join(differences) + "; resume with the run's own settings and "
+                              f"data, or start a new run (another --name).")
     world = dist_info().world
     if ckpt.train_state.get("world_size", 1) != world:
         raise CheckpointError(f"{ckpt.path}: saved with {ckpt.train_state.get('world_size')} processes, resumed "

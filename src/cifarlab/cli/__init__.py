@@ -9,10 +9,10 @@ import argparse
 import sys
 
 from ..errors import CifarlabError
-from . import calibrate, evaluate, export, import_keras, info, predict, report, train, visualize
+from . import calibrate, evaluate, export, import_keras, info, lr_find, predict, report, train, visualize
 from .args import EXIT_ERROR, EXIT_INTERRUPTED
 
-COMMANDS = [train, evaluate, calibrate, visualize, report, predict, export, import_keras, info]
+COMMANDS = [train, evaluate, calibrate, visualize, report, predict, export, import_keras, info, lr_find]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # recipe validation and similar user-value errors
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
-    except OSError as e:  # a full disk, an unwritable folder: say so, no traceback
-        print(f"error: {e}", file=sys.stderr)
+    except OSError as e:  # a full disk, an unwritable folder: say so and which file, no traceback
+        print(f"error: {e.filename}: {e.strerror}" if e.filename and e.strerror else f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -117,7 +117,8 @@ def add_recipe_args(g) -> None:
             g.add_argument(flag, help=help_text)
 
 
-def recipe_from_args(args):
+def recipe_from_args(args, preset: str | None = None):
     from ..recipes import Recipe, recipe_from
 
-    return recipe_from(args.preset, **{f.name: getattr(args, f.name, None) for f in fields(Recipe)})
+    return recipe_from(preset or args.preset or "exercise",
+                       **{f.name: getattr(args, f.name, None) for f in fields(Recipe)})

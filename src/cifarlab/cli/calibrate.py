@@ -28,7 +28,11 @@ def run(args) -> int:
 
     ckpt = load_checkpoint(args.run)
     data = load_data(args, stored=ckpt.meta.get("dataset"), log=lambda *a, **k: None if args.json else print(*a))
-    entry = calibrate_checkpoint(ckpt, data, device=args.device, tta=args.tta)
+    from ..rundir import RunLock
+
+    with RunLock(ckpt.path.parent):  # never while a training or another command writes this run
+        ckpt = load_checkpoint(args.run)  # as it is now, under the lock
+        entry = calibrate_checkpoint(ckpt, data, device=args.device, tta=args.tta)
     if args.json:
         print(json.dumps(dict(entry, checkpoint=str(ckpt.path)), indent=2))
     else:

@@ -30,6 +30,10 @@ def run(args) -> int:
     from ..checkpoints import load_checkpoint
     from ..data import load_dataset
 
+    if args.device:
+        from ..devices import resolve_device
+
+        resolve_device(args.device)  # before anything is loaded or any folder made
     ckpt = load_checkpoint(args.checkpoint, allow_pickle=args.allow_pickle)
     data = load_data(args, stored=ckpt.meta.get("dataset"), log=lambda *a, **k: None if args.json else print(*a))
     if args.model:

@@ -20,6 +20,8 @@ def register(sub) -> None:
     p.add_argument("--opset", type=bounded_int(13, 20), default=DEFAULT_OPSET,
                    help=f"ONNX opset version (default: {DEFAULT_OPSET})")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check against PyTorch")
+    p.add_argument("--force", action="store_true", help="replace an existing file at --out (never a checkpoint's "
+                                                        "files, never inside a checkpoint folder)")
     p.set_defaults(func=run)
 
 
@@ -29,7 +31,7 @@ def run(args) -> int:
 
     ckpt = load_checkpoint(args.checkpoint)
     out = Path(args.out) if args.out else default_output(args.checkpoint)
-    report = export_onnx(ckpt, out, opset=args.opset, verify=not args.no_verify)
+    report = export_onnx(ckpt, out, opset=args.opset, verify=not args.no_verify, overwrite=args.force)
     verified = report.get("verified")
     shape = ", ".join(map(str, input_shape(ckpt)))
     print(f"wrote {out} ({report['bytes'] / 1e6:.1f} MB, ONNX opset {report['opset']}); input '{INPUT_NAME}' "

@@ -30,10 +30,16 @@ def run(args) -> int:
 
     weights = Path(args.weights)
     out = Path(args.out) if args.out else Path("runs") / f"keras-{weights.name.split('.')[0] or 'model'}"
+    from ..rundir import RunLock
+
     if (out / "final").exists() and not args.force:
         raise CheckpointError(f"{out / 'final'} already exists; pass --force to replace it or choose another --out.")
     model, meta = import_keras(weights, args.fc1_activation)
-    folder = save_checkpoint(out / "final", model, meta)
+    with RunLock(out):  # never into a folder a training is writing
+        if (out / "final").exists() and not args.force:
+            raise CheckpointError(f"{out / 'final'} already exists; pass --force to replace it or choose another "
+                                  f"--out.")
+        folder = save_checkpoint(out / "final", model, meta)
     print(summary(model))
     print(f"imported {len(meta['source']['layers'])} layers from {weights} ({meta['source']['layout']}): "
           + ", ".join(f"{k} <- {v}" for k, v in meta["source"]["layers"].items()))

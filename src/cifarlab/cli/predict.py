@@ -28,6 +28,10 @@ def run(args) -> int:
     from ..checkpoints import load_checkpoint
     from ..predict import format_text, predict_files
 
+    if args.device:
+        from ..devices import resolve_device
+
+        resolve_device(args.device)
     # Loading may print warnings about skipped damaged checkpoints; keep stdout clean for --json.
     with contextlib.redirect_stdout(sys.stderr):
         ckpt = load_checkpoint(args.checkpoint)

@@ -3,6 +3,7 @@ visualize, report)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -27,22 +28,29 @@ def register(sub) -> None:
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
+    from ..precision import PRECISIONS
     from ..recipes import PRESETS
 
     g = p.add_argument_group("recipe (defaults come from --preset)")
-    g.add_argument("--preset", default="exercise", choices=sorted(PRESETS), help="recipe preset (default: exercise)")
+    g.add_argument("--preset", choices=sorted(PRESETS),
+                   help="recipe preset (default: exercise; with --resume: the run's own recipe)")
     add_recipe_args(g)
     r = p.add_argument_group("running")
     r.add_argument("--name", help="run name (default: PRESET-DATE-TIME); the run folder is RUNS_DIR/NAME")
     r.add_argument("--runs-dir", default="runs")
     r.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    r.add_argument("--resume", action="store_true", help="continue the run NAME from its last good checkpoint")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the run NAME from its last good checkpoint, with its own recipe, model and data "
+                        "(options given must agree with them)")
     r.add_argument("--checkpoint-every", type=bounded_int(0, 10 ** 9), default=0,
                    help="also checkpoint every N steps (default: every epoch only)")
     r.add_argument("--compile", action="store_true", help="torch.compile the model (measure first: see bench/)")
-    r.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="bf16 autocast or fp32 (default auto: bf16 on CUDA and on CPUs with native bf16)")
-    r.add_argument("--threads", type=bounded_int(1, 1024), help="CPU threads (default: all cores)")
+    r.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="bf16 or fp16 autocast (fp16 with a gradient scaler), or fp32 (default auto: bf16 on "
+                        "CUDA compute capability >= 8.0 and on CPUs with native bf16, fp16 on older GPUs, else fp32)")
+    r.add_argument("--threads", type=bounded_int(1, 1024),
+                   help="a fixed number of CPU threads, bitwise reproducible (default: adaptive, up to all cores: "
+                        "fewer when other processes compete for them; results then vary in the last bits)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars (off anyway when stderr is "
                                                                "not a terminal)")
     r.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files")
@@ -72,45 +80,110 @@ def setup_distributed(args):
 def train_command(args, evaluate_after: bool) -> int:
     import torch
 
+    from .. import rundir
+    from ..devices import resolve_device
     from ..train import TrainingInterrupted, dist_info, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = setup_distributed(args)
-    recipe = recipe_from_args(args)
-    name = args.name or f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.device:
+        resolve_device(args.device)  # one line naming the device and what there is, before anything else
+    if args.name is not None:
+        rundir.check_run_name(args.name)  # one plain folder name: never a path out of --runs-dir
+    name = args.name or f"{args.preset or 'exercise'}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(args.runs_dir) / name
-    if not args.resume and (run_dir / "checkpoints").exists():
-        raise CifarlabError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --name.")
+    device = setup_distributed(args)
     is_main = dist_info().is_main
     log = print if is_main else (lambda *a, **k: None)
-    data = load_data(args, log=log)
-    if args.train_subset:
-        if args.train_subset > len(data.train):
-            raise CifarlabError(f"--train-subset {args.train_subset} is more than the {len(data.train):,} training "
-                                f"images of {data.spec}")
-        data = data.with_train(data.train.subset(slice(0, args.train_subset)), f"first {args.train_subset}")
-    try:
-        result = train(recipe, data, run_dir, device=device, resume=args.resume,
-                       checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
-                       compile=args.compile, log=log, max_steps=args.max_steps, tensorboard=args.tensorboard,
-                       precision=args.precision)
-    except TrainingInterrupted as e:
-        log(f"\n{e}. Continue with: cifarlab {args.command} --name {name} --resume")
-        return EXIT_INTERRUPTED
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    if not is_main:
-        return 0
-    from .. import plots
+    # The folder is this process's from here to the end of the command (evaluation and report included).
+    with rundir.claim(run_dir, args.resume) if is_main else contextlib.nullcontext():
+        stored = stored_run(run_dir) if args.resume else None
+        recipe = resume_recipe(args, stored, run_dir) if stored else recipe_from_args(args, args.preset or "exercise")
+        data = load_data(args, stored=stored.get("dataset") if stored else None, log=log)
+        subset = args.train_subset or (stored or {}).get("train_subset")
+        if subset:
+            if subset > len(data.train):
+                raise CifarlabError(f"--train-subset {subset} is more than the {len(data.train):,} training "
+                                    f"images of {data.spec}")
+            data = data.with_train(data.train.subset(slice(0, subset)), f"first {subset}")
+        try:
+            result = train(recipe, data, run_dir, device=device, resume=args.resume,
+                           checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
+                           compile=args.compile, log=log, max_steps=args.max_steps, tensorboard=args.tensorboard,
+                           precision=args.precision, adaptive_threads=not args.threads)
+        except TrainingInterrupted as e:
+            log(f"\n{e}. Continue with: {resume_command(args, name)}")
+            return EXIT_INTERRUPTED
+        finally:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+        if not is_main:
+            return 0
+        from .. import plots
 
-    if result.history:
-        plots.training_curves(result.history, run_dir / "training_curves.png", val_source="validation")
-    log(f"trained in {result.seconds:.1f} s; run folder: {run_dir}")
-    if evaluate_after and (run_dir / "final").exists():
-        evaluate_and_report(args, run_dir, data, recipe.seed, log)
+        if result.history:
+            plots.training_curves(result.history, run_dir / "training_curves.png", val_source="validation")
+        log(f"trained in {result.seconds:.1f} s; run folder: {run_dir}")
+        if evaluate_after and (run_dir / "final").exists():
+            evaluate_and_report(args, run_dir, data, recipe.seed, log)
     return 0
+
+
+def stored_run(run_dir: Path) -> dict | None:
+    """What a run folder's newest good checkpoint says about the run: recipe, model declaration, dataset
+    and training subset. None when there is no checkpoint (the run starts from scratch, if allowed)."""
+    import re
+
+    from ..checkpoints import checkpoint_dirs, load_latest
+
+    if not checkpoint_dirs(run_dir):
+        return None
+    ckpt = load_latest(run_dir, with_train_state=True)
+    dataset = ckpt.meta.get("dataset") if isinstance(ckpt.meta.get("dataset"), dict) else None
+    note = str(((dataset or {}).get("identity") or {}).get("train_subset") or "")
+    found = re.fullmatch(r"first (\d+)", note)
+    return {"recipe": ckpt.train_state.get("recipe") or ckpt.meta.get("recipe") or {},
+            "architecture": ckpt.model.declaration, "dataset": dataset,
+            "train_subset": int(found.group(1)) if found else None}
+
+
+def resume_recipe(args, stored: dict, run_dir: Path):
+    """The stored recipe, with the options given on the command line over it (the library then refuses
+    any that differ from the run's, naming them). A model declared in a file is resumed from the
+    declaration stored in the checkpoint (written beside it as model.json), not from the file, which may
+    have changed or moved since."""
+    from dataclasses import fields, replace
+
+    from ..fsutil import atomic_write_json
+    from ..models import MODELS
+    from ..recipes import Recipe, saved_recipe
+
+    if args.preset is not None:  # a preset asked for explicitly: compared as a whole
+        return recipe_from_args(args, args.preset)
+    saved = saved_recipe(stored["recipe"])
+    given = {f.name: getattr(args, f.name) for f in fields(Recipe) if getattr(args, f.name, None) is not None}
+    if "model" not in given and saved.get("model") not in MODELS:
+        declaration = run_dir / "model.json"
+        atomic_write_json(declaration, stored["architecture"])
+        saved["model"] = str(declaration)
+    return replace(Recipe(**saved), **given).validate()
+
+
+def resume_command(args, name: str) -> str:
+    """A command that continues this run: everything else is stored in the run (recipe, model, data)."""
+    import shlex
+
+    parts = ["cifarlab", args.command, "--name", name]
+    if Path(args.runs_dir) != Path("runs"):
+        parts += ["--runs-dir", str(args.runs_dir)]
+    for option in ("data_dir", "device"):
+        if getattr(args, option, None):
+            parts += ["--" + option.replace("_", "-"), str(getattr(args, option))]
+    if args.checkpoint_every:
+        parts += ["--checkpoint-every", str(args.checkpoint_every)]
+    if args.precision != "auto":
+        parts += ["--precision", args.precision]
+    return shlex.join(parts + ["--resume"])
 
 
 def evaluate_and_report(args, run_dir: Path, data, seed: int, log) -> None:

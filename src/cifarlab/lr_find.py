@@ -1,0 +1,173 @@
+"""Learning-rate range test (fastai's ``lr_find``, after Leslie Smith): which lr to try first.
+
+The recipe's own model, optimizer (with its parameter groups and their lr scales), data, augmentation,
+precision and loss take ``steps`` training steps while the learning rate grows exponentially from
+``start_lr`` to ``end_lr``. The loss is smoothed with an exponential moving average (beta 0.98, bias
+corrected, as fastai does); the test stops early once the smoothed loss exceeds ``diverge`` (4) x the
+best seen, or is not finite. Afterwards the model's weights, buffers and the torch RNG are put back as they
+were: the test trains nothing.
+
+Suggestion (:attr:`LRFinderResult.suggestion`): the lr at the steepest descent of the smoothed loss
+against log10(lr), searched between the first 10% of the points and the minimum of the smoothed loss
+(fastai's "steep"). :attr:`LRFinderResult.min_loss_lr` / 10 (fastai's "minimum" rule) is reported too.
+The recipe's lr here is the base lr: each parameter group gets ``lr x its lr_scale``, as in training.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import Dataset
+from .evaluate import default_device
+from .fsutil import atomic_write_json
+from .recipes import Recipe
+
+
+@dataclass
+class LRFinderResult:
+    lrs: list[float]
+    losses: list[float]
+    smoothed: list[float]
+    suggestion: float
+    steepest_lr: float
+    min_loss_lr: float
+    stopped_early: bool
+    rule: str = "steepest descent of the smoothed loss vs log10(lr), before its minimum"
+    meta: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def lr_schedule(start_lr: float, end_lr: float, steps: int) -> list[float]:
+    """``steps`` learning rates from ``start_lr`` to ``end_lr``, evenly spaced in log scale."""
+    if not (0 < start_lr < end_lr) or steps < 2:
+        raise ValueError(f"need 0 < start_lr < end_lr and at least 2 steps, not {start_lr}, {end_lr}, {steps}")
+    return [start_lr * (end_lr / start_lr) ** (i / (steps - 1)) for i in range(steps)]
+
+
+def smooth(losses: list[float], beta: float = 0.98) -> list[float]:
+    """Bias-corrected exponential moving average (fastai's)."""
+    avg, out = 0.0, []
+    for i, loss in enumerate(losses):
+        avg = beta * avg + (1 - beta) * loss
+        out.append(avg / (1 - beta ** (i + 1)))
+    return out
+
+
+def suggest(lrs: list[float], smoothed: list[float]) -> tuple[float, float]:
+    """(steepest-descent lr, min-loss lr) of a smoothed range-test curve."""
+    if len(lrs) < 3:
+        return lrs[0], lrs[int(np.argmin(smoothed))]
+    y = np.asarray(smoothed, dtype=np.float64)
+    x = np.log10(np.asarray(lrs, dtype=np.float64))
+    lowest = int(np.nanargmin(y))
+    start = max(1, len(y) // 10)
+    stop = max(lowest, start + 2)  # the descent before the minimum (at least 2 points)
+    slopes = np.gradient(y, x)[start:stop + 1]
+    steepest = start + int(np.nanargmin(slopes)) if len(slopes) else lowest
+    return float(lrs[steepest]), float(lrs[lowest])
+
+
+def lr_find(recipe: Recipe, data: Dataset, model: torch.nn.Module | None = None, device=None,
+            start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 100, beta: float = 0.98,
+            diverge: float = 4.0, precision: str = "auto", channels_last: bool | None = None,
+            log=print) -> LRFinderResult:
+    """Run the range test with ``recipe`` (its model unless ``model`` is given) on ``data``'s training set."""
+    from .train import _Run, _set_lr, epoch_order, make_optimizer, resolve_precision
+
+    recipe.validate()
+    device = torch.device(device) if device else default_device()
+    if channels_last is None:
+        channels_last = device.type == "cpu"
+    lrs = lr_schedule(start_lr, end_lr, steps)
+    saved_rng = torch.get_rng_state()  # (building the recipe's model seeds the RNG)
+    run = _Run(recipe, data, Path("."), device, channels_last, resolve_precision(precision, device), 0,
+               lambda *a, **k: None)
+    if model is not None:
+        model.to(device)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        run.model = run.train_model = model
+        run.optimizer = make_optimizer(recipe, model)
+    run.lookahead = None  # the range test measures the optimizer alone
+    saved_weights = copy.deepcopy(run.model.state_dict())
+    torch.manual_seed(recipe.seed)  # the same dropout and augmentation draws on every call
+    losses: list[float] = []
+    stopped_early = False
+    best = math.inf
+    was_training = run.model.training
+    run.model.train()
+    try:
+        for i, lr in enumerate(lrs):
+            epoch, step = divmod(i, run.spe)
+            if step == 0:
+                order = epoch_order(recipe.seed, epoch, run.n).to(device)
+            x, y = run._batch(order, None, step)
+            _set_lr(run.optimizer, lr)
+            loss, _ = run._step(x, y, i + 1)
+            value = loss.item()
+            losses.append(value)
+            current = smooth(losses, beta)[-1]
+            best = min(best, current)
+            if not math.isfinite(value) or (i > 0 and current > diverge * best):
+                stopped_early = i < steps - 1
+                break
+    finally:
+        run.model.load_state_dict(saved_weights)  # the test trains nothing
+        run.model.train(was_training)
+        torch.set_rng_state(saved_rng)
+    tested = lrs[:len(losses)]
+    finite = [(lr, v) for lr, v in zip(tested, losses) if math.isfinite(v)]
+    if len(finite) < 2:
+        raise ValueError(f"the loss was not finite from the first steps (lr {start_lr:g}); lower --start-lr")
+    tested, values = [lr for lr, _ in finite], [v for _, v in finite]
+    smoothed = smooth(values, beta)
+    steepest, lowest = suggest(tested, smoothed)
+    result = LRFinderResult(lrs=tested, losses=values, smoothed=smoothed, suggestion=steepest, steepest_lr=steepest,
+                            min_loss_lr=lowest, stopped_early=stopped_early,
+                            meta={"model": run.model.declaration["name"] if hasattr(run.model, "declaration")
+                                  else type(run.model).__name__, "optimizer": recipe.optimizer,
+                                  "batch_size": recipe.batch_size, "start_lr": start_lr, "end_lr": end_lr,
+                                  "steps": steps, "beta": beta, "diverge": diverge, "precision": run.precision,
+                                  "recipe": asdict(recipe)})
+    log(f"lr-find: {len(losses)} of {steps} steps{' (stopped: the loss diverged)' if stopped_early else ''}; "
+        f"suggested lr {steepest:.3g} (steepest descent); min-loss lr {lowest:.3g} (/10: {lowest / 10:.3g})")
+    return result
+
+
+def plot(result: LRFinderResult, path: str | Path) -> Path:
+    from .plots import pyplot, save_figure
+
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
+    ax.plot(result.lrs, result.losses, color="0.75", lw=1, label="loss per step")
+    ax.plot(result.lrs, result.smoothed, color="tab:blue", lw=2, label="smoothed (EMA 0.98)")
+    ax.set_xscale("log")
+    i = result.lrs.index(result.suggestion)
+    ax.plot([result.suggestion], [result.smoothed[i]], "o", color="tab:red", ms=9,
+            label=f"suggestion {result.suggestion:.2g} (steepest descent)")
+    ax.axvline(result.min_loss_lr / 10, color="tab:green", ls="--", lw=1,
+               label=f"min-loss lr / 10 = {result.min_loss_lr / 10:.2g}")
+    low, high = min(result.smoothed), result.smoothed[0]
+    ax.set_ylim(low - 0.1 * abs(high - low) - 1e-3, max(high, low) + 0.6 * abs(high - low) + 1e-3)
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("training loss")
+    meta = result.meta
+    ax.set_title(f"LR range test: {meta.get('model')}, {meta.get('optimizer')}, batch {meta.get('batch_size')}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def save(result: LRFinderResult, folder: str | Path) -> dict[str, Path]:
+    """``lr_find.json`` and ``lr_find.png`` in ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path = folder / "lr_find.json"
+    atomic_write_json(json_path, result.to_dict())
+    return {"json": json_path, "png": plot(result, folder / "lr_find.png")}
