@@ -34,9 +34,9 @@ from .fsutil import atomic_write_json
 
 # Defaults sized so that evaluate + visualize with everything on stays around a minute for the exercise
 # net on 2 cores (README, "What the defaults cost").
-FAITHFULNESS_IMAGES = 200
+FAITHFULNESS_IMAGES = 100
 FAITHFULNESS_STEPS = 16
-SANITY_IMAGES = 32
+SANITY_IMAGES = 16
 EXAMPLE_IMAGES = None  # None: the whole test set
 TOP_K = 9
 

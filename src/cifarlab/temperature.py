@@ -78,7 +78,6 @@ def calibrate_checkpoint(ckpt, data, device=None, tta: int | None = None) -> dic
     meta. Returns the calibration entry."""
     from .checkpoints import save_checkpoint
     from .evaluate import checkpoint_tta, predict_logits
-    from .pipeline import check_compatible
     from .transforms import Normalization
 
     from .checkpoints import STATE_FILE
@@ -87,7 +86,9 @@ def calibrate_checkpoint(ckpt, data, device=None, tta: int | None = None) -> dic
     if not folder.is_dir() or (folder / STATE_FILE).exists():
         raise CalibrationError(f"{ckpt.path}: only a finished run's checkpoint folder (RUN/final) is re-saved "
                                "with a temperature; pass the run folder after training has finished")
-    check_compatible(ckpt, data)
+    if ckpt.meta.get("classes") != list(data.classes):
+        raise CalibrationError(f"{ckpt.path}: trained for classes {ckpt.meta.get('classes')}, but the data has "
+                               f"{list(data.classes)}")
     held_out = holdout_of(ckpt, data)
     tta = checkpoint_tta(ckpt.meta, tta)
     normalization = Normalization.from_dict(ckpt.meta["normalization"])

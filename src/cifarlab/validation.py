@@ -437,6 +437,29 @@ def check_results(results, source, error=ValidationError) -> dict:
         c.str(f"worst_mistakes[{i}].true", m["true"], MAX_CLASS_NAME)
         c.str(f"worst_mistakes[{i}].predicted", m["predicted"], MAX_CLASS_NAME)
         c.number(f"worst_mistakes[{i}].score", m["score"], 0.0, 1.0)
+    if results.get("per_class") is not None:  # precision / recall / F1 (the report's per-class quality)
+        for name, q in c.dict("per_class", results["per_class"]).items():
+            c.dict(f"per_class.{name}", q)
+            for key in ("precision", "recall", "f1"):
+                c.number(f"per_class.{name}.{key}", q.get(key), 0.0, 1.0)
+    if results.get("calibration") is not None:
+        cal = c.dict("calibration", results["calibration"])
+        for side in ("before", "after"):
+            if side == "before" or cal.get(side) is not None:
+                c.dict(f"calibration.{side}", cal.get(side))
+                for key in ("ece", "mce", "nll", "brier", "accuracy"):
+                    c.number(f"calibration.{side}.{key}", cal[side].get(key), 0.0)
+        if cal.get("temperature") is not None:
+            c.number("calibration.temperature", cal["temperature"], 0.0, math.inf, lo_open=True)
+    for i, sh in enumerate(c.list("shift", results.get("shift") or [], 100)):
+        c.dict(f"shift[{i}]", sh)
+        for key in ("accuracy", "reference_accuracy"):
+            c.number(f"shift[{i}].{key}", sh.get(key), 0.0, 1.0)
+        c.number(f"shift[{i}].gap", sh.get("gap"), -1.0, 1.0)
+        for key in ("accuracy_ci95", "reference_ci95", "gap_ci95"):
+            for j, v in enumerate(c.list(f"shift[{i}].{key}", sh.get(key), 2)):
+                c.number(f"shift[{i}].{key}[{j}]", v, -1.0, 1.0)
+        c.int(f"shift[{i}].num_images", sh.get("num_images"), 0, 10 ** 9)
     return results
 
 
