@@ -41,12 +41,14 @@ def test_run_end_to_end_then_evaluate_json(data_dir, tmp_path):
     """The main job on a small slice of real data: every artifact lands in the run folder."""
     runs = tmp_path / "runs"
     proc = cifarlab("run", "--epochs", "1", "--train-subset", "2000", "--name", "smoke", "--runs-dir", runs,
-                    "--data-dir", data_dir, "--no-progress")
+                    "--data-dir", data_dir, "--no-progress", "--faithfulness-images", "20", "--sanity-images", "4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = runs / "smoke"
     for name in ["metrics.csv", "recipe.json", "training_curves.png", "final/model.safetensors", "final/meta.json",
                  "eval/results.json", "eval/confusion_matrix.png", "eval/confusion_matrix.json",
-                 "eval/per_class_accuracy.png", "eval/gallery.png", "eval/worst_mistakes.png", "report.html"]:
+                 "eval/per_class_accuracy.png", "eval/gallery.png", "eval/worst_mistakes.png", "eval/reliability.png",
+                 "visualize/attribution_methods.png", "visualize/faithfulness.png", "visualize/sanity.png",
+                 "visualize/examples_classes.png", "visualize/explanations.json", "report.html"]:
         assert (run / name).is_file(), name
     assert "Test accuracy:" in proc.stdout and str(run) in proc.stdout
     assert "validation: test set (as in the exercise)" in proc.stdout

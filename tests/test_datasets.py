@@ -291,12 +291,15 @@ def test_a_100_class_run_trains_resumes_evaluates_visualizes_reports_predicts_an
     assert cli_main(["evaluate", str(runs / "a"), "--json"]) == 0
     results = json.loads(capsys.readouterr().out)
     assert len(results["per_class_accuracy"]) == 100 and len(results["confusion_matrix"]) == 100
-    assert cli_main(["report", str(runs / "a")]) == 0
+    assert cli_main(["report", str(runs / "a"), "--faithfulness-images", "10", "--faithfulness-steps", "4",
+                     "--sanity-images", "3"]) == 0
     page = (runs / "a" / "report.html").read_text()
     assert "Most confused pairs" in page or "most_confused" in json.dumps(results)
     assert "100 classes" in page
     probs = json.loads((runs / "a" / "visualize" / "summary.json").read_text())["class_probabilities"]
     assert len(probs["default"]) == 100
+    examples = json.loads((runs / "a" / "visualize" / "explanations.json").read_text())["examples"]["layers"]
+    assert len(examples["classes"]["channels"]) == 100  # a top-9 for every one of the 100 classes
     one = next((hundred / "test" / "c007").iterdir())
     capsys.readouterr()
     assert cli_main(["predict", str(runs / "a"), str(one), "--json", "--top-k", "5"]) == 0

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cifarlab import cli, report, visualize
+from cifarlab import cli, explain, report, visualize
 from cifarlab.cli import train as cli_train
 from cifarlab.data import CIFAR10
 
@@ -20,6 +20,8 @@ NEW_IMAGES = ["reliability diagram", "attribution maps of every method", "deleti
 # few images and steps: the tests check the plumbing; the README gives the defaults' cost
 QUICK_EXPLAIN = ["--faithfulness-images", "12", "--faithfulness-steps", "4", "--sanity-images", "4",
                  "--example-images", "300"]
+QUICK_SETTINGS = explain.ExplainSettings(faithfulness_images=12, faithfulness_steps=4, sanity_images=4,
+                                         example_images=300)
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 
@@ -78,12 +80,14 @@ def test_build_report_fills_in_what_is_missing(trained_run, cifar, tmp_path):
     small = CIFAR10(train=cifar.train.subset(slice(0, 10)), test=cifar.test.subset(slice(0, 500)),
                     classes=cifar.classes, root=cifar.root)
     logged = []
-    path = report.build_report(run, data=small, log=logged.append, settings=_quick("exercise"), images=[5])
+    path = report.build_report(run, data=small, log=logged.append, settings=_quick("exercise"), images=[5],
+                               explanations=QUICK_SETTINGS)
     assert path == run / "report.html" and path.exists()
     assert (run / "eval" / "results.json").exists() and (run / "training_curves.png").exists()
     assert any("evaluating" in line for line in logged)
     logged.clear()
-    report.build_report(run, data=small, log=logged.append, settings=_quick("exercise"), images=[5])
+    report.build_report(run, data=small, log=logged.append, settings=_quick("exercise"), images=[5],
+                        explanations=QUICK_SETTINGS)
     assert json.loads((run / "eval" / "results.json").read_text())["num_images"] == 500
     assert not any("evaluating" in line for line in logged)  # results.json reused
 
