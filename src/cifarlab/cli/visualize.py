@@ -54,9 +54,12 @@ def add_explain_args(p) -> None:
 def explain_settings(args):
     from ..explain import ExplainSettings
 
-    return ExplainSettings(enabled=not args.no_explanations, faithfulness_images=args.faithfulness_images,
-                           faithfulness_steps=args.faithfulness_steps, sanity_images=args.sanity_images,
-                           example_images=args.example_images)
+    default = ExplainSettings()
+    return ExplainSettings(enabled=not getattr(args, "no_explanations", False),
+                           faithfulness_images=getattr(args, "faithfulness_images", default.faithfulness_images),
+                           faithfulness_steps=getattr(args, "faithfulness_steps", default.faithfulness_steps),
+                           sanity_images=getattr(args, "sanity_images", default.sanity_images),
+                           example_images=getattr(args, "example_images", default.example_images))
 
 
 def run(args) -> int:
