@@ -753,9 +753,9 @@ def airbench96(widths=(128, 512, 512), name="airbench96") -> dict:
     3x3 map), a bias-free dense head and logits x 1/9. Convs have no bias and start as the identity on
     their first C_in filters; BatchNorm has eps 1e-12, PyTorch's momentum (0.1) and a frozen scale of 1.
 
-    Not reproduced: its fp16 weights (cifarlab trains fp32 weights under bf16 autocast). The paper's
-    earlier version (96.05% in 46 s) put the GELU before the addition and used BatchNorm momentum 0.4;
-    this follows the revised file."""
+    Not reproduced: its fp16 weights (cifarlab trains fp32 weights under bf16 autocast). The repository's
+    library version (airbench/lib_airbench96.py, the 40-epoch one with the paper's 96.05%) puts the GELU
+    before the addition and uses BatchNorm momentum 0.4; this follows the revised standalone file."""
     layers = [{"type": "whiten", "name": "whiten", "kernel": 2}, {"type": "gelu", "name": "gelu_0"}]
     bn = {"type": "batchnorm", "eps": 1e-12, "scale": False}
     for g, w in enumerate(widths, start=1):
