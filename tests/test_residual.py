@@ -147,6 +147,9 @@ def _nested(depth: int) -> dict:
     (_nested(M.MAX_DEPTH + 1), rf"residual blocks nested more than {M.MAX_DEPTH} deep"),
     (_with_block({"type": "residual", "name": "b", "body": [{"type": "relu"}] * (M.MAX_LAYERS - 1)}),
      r"b.body: more than the 512 layers allowed \(counting the layers inside blocks\)"),
+    ({"layers": [{"type": "residual", "name": "b", "body": [{"type": "relu"}] * 20}] + [{"type": "relu"}] * 500
+      + [{"type": "flatten"}, {"type": "dense", "units": 10}]},
+     r"layer 492: more than the 512 layers allowed \(counting the layers inside blocks\)"),
     (_with_block({"type": "residual", "name": "b", "body": [{"type": "residual", "name": "c", "body": [
         {"type": "conv", "filters": 8192}, {"type": "conv", "filters": 8192}, {"type": "conv", "filters": 8}]}]}),
      r"layer b.c.body\[1\] 'b.c.conv_2' \(conv\): the model would exceed 500,000,000 parameters"),

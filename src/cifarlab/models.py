@@ -387,6 +387,9 @@ def _validate_list(layers: list, shape: tuple, state: _State, prefix: str, where
     for i, raw in enumerate(layers):
         at = f"layer {where}[{i}]" if where else f"layer {i}"
         state.layers += 1
+        if state.layers > MAX_LAYERS:
+            raise DeclarationError(f"{at}: more than the {MAX_LAYERS} layers allowed (counting the layers inside "
+                                   f"blocks)")
         if not isinstance(raw, dict):
             raise DeclarationError(f"{at}: must be an object like {{'type': 'conv', ...}}, not {_short(raw)}")
         if not all(isinstance(k, str) for k in raw):
