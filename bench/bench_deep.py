@@ -9,7 +9,7 @@ per epoch (50,000 images / batch, the last partial batch counted whole). Evaluat
 
 Recipes: airbench96 is its preset (batch 1024); resnet18 has no preset of its own, so it runs the
 ``fast`` preset's recipe (Nesterov SGD one-cycle, label smoothing, flip + translate; batch 256) with
-``--model resnet18``. ``--batch-size`` overrides both.
+``--model resnet18``. ``--batch-size`` overrides both, scaling the lr with it (see ``recipe_for``).
 
     python bench/bench_deep.py --data-dir ../shared/cifar-10-batches-bin                     # s/epoch
     python bench/bench_deep.py --data-dir ... --models resnet18 --steps 10 --warmup 3
@@ -44,9 +44,13 @@ TRAIN_IMAGES = 50_000
 
 
 def recipe_for(model: str, batch_size: int | None = None, **overrides):
+    """The model's recipe; another batch size scales the lr linearly (airbench states its lr per 1024
+    images; our loss is a mean, so the recipe's lr at a batch of b images is lr x b / its batch). The
+    recipes' weight decay is per unit of lr, so the decay per step follows."""
     preset, base = RECIPES[model]
     if batch_size:
-        overrides["batch_size"] = batch_size
+        recipe = recipe_from(preset, **base)
+        overrides.update(batch_size=batch_size, lr=recipe.lr * batch_size / recipe.batch_size)
     return preset, recipe_from(preset, **base, **overrides)
 
 
@@ -98,7 +102,7 @@ def short_training(data: CIFAR10, model_name: str, epochs: int, train_subset: in
     result = train(recipe, subset, Path(f"/tmp/cifarlab-bench-deep/{model_name}"), progress=False,
                    log=lambda *a, **k: None, precision=precision)
     last = result.history[-1]
-    return {"model": model_name, "recipe": preset, "epochs": epochs, "batch": recipe.batch_size,
+    return {"model": model_name, "recipe": preset, "epochs": epochs, "batch": recipe.batch_size, "lr": recipe.lr,
             "train images": train_subset, "test images": test_subset,
             "test accuracy": f"{100 * last['val_acc']:.2f}%", "train loss": last["train_loss"],
             "wall s": time.perf_counter() - started, "command": command}
