@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from .models import MODELS, airbench_like, get_declaration, register_model
+from .models import MODELS, airbench_like, get_declaration, has_layer_type, register_model
 
 
 def option(default, help: str = "", choices: tuple | None = None, bounds: tuple | None = None, flag: str = ""):
@@ -78,7 +78,7 @@ class Recipe:
         defaults = {f.name: f.default for f in fields(self)}
         if self.optimizer != "muon" and any(getattr(self, k) != defaults[k] for k in ("muon_lr", "muon_momentum")):
             raise ValueError("muon_lr and muon_momentum apply to the muon optimizer only")
-        if self.whiten_bias_epochs and not any(layer["type"] == "whiten" for layer in decl["layers"]):
+        if self.whiten_bias_epochs and not has_layer_type(decl, "whiten"):
             raise ValueError(f"whiten_bias_epochs needs a model with a whitening layer; {decl['name']!r} has none")
         return self
 
@@ -119,6 +119,23 @@ PRESETS: dict[str, Recipe] = {
                          nesterov=True, weight_decay=0.0153 / 11.5, decay_all=True, bn_lr_scale=64.0,
                          lookahead=5, whiten_bias_epochs=3, label_smoothing=0.2, normalization="standard",
                          flip=True, alt_flip=True, translate=2, translate_pad="reflect", tta=2),
+    # airbench96 (Keller Jordan, cifar10-airbench airbench96.py as revised 2024-06-13; 96.01% mean of 400
+    # runs there): its net (models.airbench96) and recipe. Per summed loss its lr is 9.0 and its decay
+    # 0.012 per 1024 images (scaled like airbench94's); for our mean loss lr = 9.0 / (1 + 1 / 0.15) and
+    # decay = 0.012 / 9.0 (the same step). Nesterov SGD, momentum 0.85, BatchNorm biases at 64x the lr
+    # with the same decay per step, warm-up from 0.2 over 10% of the steps then linear to 0, label
+    # smoothing 0.2, lookahead every 5 steps, whitening bias trained 3 epochs, alternating flips,
+    # reflect-padded translate 4, cutout 12, flip + translate TTA (level 2), 31 epochs of batch 1024.
+    # Not reproduced exactly: airbench's cutout is a 12x12 square always inside the image, ours a square
+    # of side 2 * (12 // 2) + 1 = 13 centred on a random pixel (clipped at the borders); airbench drops
+    # the last partial batch, a single-process run here keeps it; fp16 weights (ours: fp32 + bf16 autocast).
+    # The repository's library version (airbench/lib_airbench96.py: 40 epochs, 96.05% as the paper reports)
+    # differs: decay 0.0153, a 0.2 -> 1 -> 0.07 triangle peaking at 23%, lookahead from epoch 3.
+    "airbench96": Recipe(model="airbench96", epochs=31, batch_size=1024, optimizer="sgd", lr=9.0 / (1 + 1 / 0.15),
+                         schedule="onecycle", warmup=0.1, lr_start=0.2, lr_end=0.0, momentum=0.85,
+                         nesterov=True, weight_decay=0.012 / 9.0, decay_all=True, bn_lr_scale=64.0,
+                         lookahead=5, whiten_bias_epochs=3, label_smoothing=0.2, normalization="standard",
+                         flip=True, alt_flip=True, translate=4, translate_pad="reflect", cutout=12, tta=2),
 }
 
 

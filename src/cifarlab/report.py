@@ -321,16 +321,19 @@ def _visual_sections(vis) -> list[str]:
     seconds = next(iter(vis.seconds.values()), 0.0)
     return [
         _section("stimuli", stimuli,
-                 f"For every channel of every conv layer (after its activation), the input found by gradient "
+                 f"For every channel of every conv layer and residual block (after its activation), the input "
+                 f"found by gradient "
                  f"ascent ({_esc(vis.method)} method) that maximizes the channel's mean activation; all channels "
                  f"of a layer optimized as one batch, {seconds:.1f} s for all layers and classes."),
         _section("classes", classes + _probability_table(vis.class_probabilities), CLASS_INTRO),
         _section("filters", _img(files.get("filters"), "first-layer filters")),
         _section("activations", _img(files.get("activations"), "activation maps"),
-                 "What each conv layer's channels respond to in one test image (after the activation)."),
+                 "What each conv layer's (or residual block's) channels respond to in one test image (after "
+                 "the activation)."),
         _section("attributions", _img(files.get("attributions"), "saliency and Grad-CAM"),
                  "Top: test images with the prediction. Middle: saliency, the size of the gradient of the "
-                 "predicted logit with respect to each pixel. Bottom: Grad-CAM on the last conv layer."),
+                 "predicted logit with respect to each pixel. Bottom: Grad-CAM on the layer the title names "
+                 "(by default the last conv layer or residual block)."),
     ]
 
 

@@ -344,7 +344,7 @@ class _Run:
         recipe = self.recipe
         torch.manual_seed(recipe.seed)
         model = Net(get_declaration(recipe.model, self.data.num_classes, self.data.image_shape))
-        if any(layer["type"] == "whiten" for layer in model.declaration["layers"]):
+        if any(isinstance(m, Whiten) for m in model.modules()):  # blocks included
             sample = self.train_split.images[epoch_order(recipe.seed, -1, self.n)[:5000]]
             model.init_from_data(self.normalization(sample))
         if self.dist.world > 1:

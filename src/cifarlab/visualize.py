@@ -26,8 +26,13 @@ Two methods:
     pixel alignment is noise, not a picture) and pays total-variation and L2 penalties. Adam, seeded:
     the same seed gives the same images.
 
-Also here: first-layer filters as images, activation maps of each conv layer for an image, saliency
-(input gradient) and Grad-CAM on the last conv layer, their PNG plots, and ``cifarlab visualize``.
+Layers are found by their declared names (dotted inside residual blocks: ``layer2_1.conv1``) and read
+with forward hooks; nothing slices the net by position. Stimulus targets are each conv layer and each
+residual block of the net's main path (after the activation that follows it), see :func:`stimulus_targets`.
+
+Also here: first-layer filters as images, activation maps of each target (or any named layer) for an
+image, saliency (input gradient) and Grad-CAM on a named layer (default: the last conv layer or block),
+their PNG plots, and ``cifarlab visualize``.
 """
 from __future__ import annotations
 
@@ -71,18 +76,25 @@ class VisualizationError(CifarlabError):
 
 @dataclass(frozen=True)
 class Target:
-    """One layer whose channels (or the classes) get a stimulus each.
+    """One layer whose channels (or the classes) get a stimulus each, found by its name.
 
-    ``position`` is the index of the layer whose output is maximized, so ``model[:position + 1]`` is all
-    the network needed to compute it.
+    ``name`` is the layer (its dotted module name) whose output is maximized, "classes" for the net's
+    output. ``position`` is that layer's index among all declared layers in execution order (blocks
+    before their layers); it only seeds the layer's noise. For a net without blocks it is the layer's
+    index in the net, as it always was, so the same seed gives the same stimuli as before.
     """
 
-    name: str        # e.g. "leaky_re_lu_1", or "classes"
-    conv: str        # the conv layer it belongs to ("" for classes)
-    kind: str        # "conv" or "class"
+    name: str        # e.g. "leaky_re_lu_1", "layer2_1_relu", or "classes"
+    conv: str        # the conv layer or residual block it belongs to ("" for classes)
+    kind: str        # "conv", "block" or "class"
     position: int
     channels: int
     image_shape: tuple = (3, 32, 32)  # (C, H, W) of the network's input
+
+    @property
+    def spatial(self) -> bool:
+        """A feature map (C, H, W): a conv's or a block's output."""
+        return self.kind != "class"
 
 
 def image_shape(model: nn.Module) -> tuple[int, int, int]:
@@ -91,49 +103,122 @@ def image_shape(model: nn.Module) -> tuple[int, int, int]:
     return tuple(declaration.get("input_shape", (3, 32, 32)))
 
 
-def stimulus_targets(model: nn.Sequential) -> list[Target]:
-    """Each conv layer's following activation (the conv itself if none follows), then the class logits."""
-    layers = list(model.named_children())
+# Declared layer types: the activations a stimulus target moves to, and what ends the search for one.
+ACTIVATION_TYPES = ("relu", "leaky_relu", "gelu", "tanh")
+_TARGET_BARRIERS = ("conv", "whiten", "dense", "flatten", "residual")
+
+
+def _layer_infos(model: nn.Module) -> list:
+    from .models import layers
+
+    declaration = getattr(model, "declaration", None)
+    if declaration is None:
+        raise VisualizationError("visualizing needs a cifarlab Net (a model built from a declaration)")
+    return layers(declaration)
+
+
+def stimulus_targets(model: nn.Module) -> list[Target]:
+    """For each conv layer and each residual block of the net's main path, its output after the
+    activation that follows it (the conv's or block's own output if none follows before the next conv,
+    block, dense or flatten), then the class logits. Layers inside blocks are not targets: a residual
+    net gets one stimulus set per block output."""
+    infos = _layer_infos(model)
+    index = {info.name: i for i, info in enumerate(infos)}
+    top = [info for info in infos if info.depth == 0]
     shape = image_shape(model)
     targets = []
-    for i, (name, layer) in enumerate(layers):
-        if type(layer) is not nn.Conv2d:  # the frozen whitening conv is not a learned feature
-            continue
-        position = i
-        for j in range(i + 1, len(layers)):
-            other = layers[j][1]
-            if isinstance(other, (nn.Conv2d, nn.Linear, nn.Flatten)):
+    for j, info in enumerate(top):
+        if info.type not in ("conv", "residual") or len(info.output_shape) != 3:
+            continue  # the frozen whitening conv is not a learned feature; nor is a block that flattens
+        chosen = info
+        for other in top[j + 1:]:
+            if other.type in _TARGET_BARRIERS:
                 break
-            if isinstance(other, ACTIVATIONS):
-                position = j
+            if other.type in ACTIVATION_TYPES:
+                chosen = other
                 break
-        targets.append(Target(layers[position][0], name, "conv", position, layer.out_channels, shape))
-    targets.append(Target("classes", "", "class", len(layers) - 1, _num_outputs(model), shape))
+        kind = "conv" if info.type == "conv" else "block"
+        targets.append(Target(chosen.name, info.name, kind, index[chosen.name], chosen.output_shape[0], shape))
+    targets.append(Target("classes", "", "class", index[top[-1].name], top[-1].output_shape[0], shape))
     return targets
 
 
-def _num_outputs(model: nn.Sequential) -> int:
-    with torch.no_grad():
-        return int(model(torch.zeros(1, *image_shape(model))).shape[1])
+def _num_outputs(model: nn.Module) -> int:
+    return int([info for info in _layer_infos(model) if info.depth == 0][-1].output_shape[0])
 
 
-def _prefix(model: nn.Sequential, target: Target) -> nn.Sequential:
-    """A copy of the layers up to the target, frozen, in eval mode (dropout off, BatchNorm uses its
-    averages) and channels-last (measured faster for these convs on CPU); the model is left untouched."""
-    part = copy.deepcopy(nn.Sequential(*list(model.children())[:target.position + 1])).cpu().eval()
-    for p in part.parameters():
+def layer_names(model: nn.Module, spatial: bool = False) -> list[str]:
+    """Every declared layer's (dotted) name; with ``spatial``, only those that output a (C, H, W) map."""
+    return [info.name for info in _layer_infos(model) if not spatial or len(info.output_shape) == 3]
+
+
+def _module(model: nn.Module, name: str) -> nn.Module:
+    """The module called ``name`` (a declared layer's dotted name), or a clear error listing the names."""
+    module = dict(model.named_modules()).get(name) if name else None
+    if module is None:
+        names = layer_names(model)
+        shown = ", ".join(names[:30]) + (f", ... ({len(names)} in all)" if len(names) > 30 else "")
+        raise VisualizationError(f"the model has no layer named {name!r}; its layers: {shown}")
+    return module
+
+
+class _Stop(Exception):
+    """Raised by a forward hook once the wanted output exists, so the rest of the net is not run."""
+
+
+# Stop the stimulus search's forward pass at the target (an exception from a forward hook) rather than
+# running the whole net. Measured on the exercise net's 154 default stimuli (96 steps, 1 thread, CPU time
+# on a busy shared 2-core machine): about 11-15 s stopping early, the same as the positional prefix copies
+# used before, and about 13.5 s running the whole net each step (its dense head is not free). Both give
+# the same images (tests/test_residual.py).
+STOP_EARLY = True
+
+
+class _Probe:
+    """``probe(x)``: the output of the layer ``name`` of ``model`` for the input x (the net's output when
+    ``name`` is None). With ``stop``, the forward pass ends at that layer. ``close()`` removes the hook."""
+
+    def __init__(self, model: nn.Module, name: str | None, stop: bool = True):
+        self.model, self.stop, self.out = model, stop, None
+        self.handle = None if name is None else _module(model, name).register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        self.out = output
+        if self.stop:
+            raise _Stop
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.handle is None:
+            return self.model(x)
+        try:
+            self.model(x)
+        except _Stop:
+            pass
+        out, self.out = self.out, None
+        return out
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+
+def _prepare(model: nn.Module) -> nn.Module:
+    """A copy of the model, frozen, in eval mode (dropout off, BatchNorm uses its averages) and
+    channels-last (measured faster for these convs on CPU); the model itself is left untouched."""
+    copy_ = copy.deepcopy(model).cpu().eval()
+    for p in copy_.parameters():
         p.requires_grad_(False)
-    return part.to(memory_format=torch.channels_last)
+    return copy_.to(memory_format=torch.channels_last)
 
 
-def _run(part: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+def _run(part: _Probe, x: torch.Tensor) -> torch.Tensor:
     return part(x.contiguous(memory_format=torch.channels_last))
 
 
 def _objective(out: torch.Tensor, target: Target, channels: torch.Tensor) -> torch.Tensor:
     """Per image b: the mean activation of channel channels[b], or the logit of class channels[b]."""
     picked = out[torch.arange(len(channels)), channels]
-    return picked.flatten(1).mean(1) if target.kind == "conv" else picked
+    return picked.flatten(1).mean(1) if target.spatial else picked
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -224,7 +309,7 @@ def exercise_decode(x: torch.Tensor, normalization: Normalization) -> torch.Tens
 
 def _exercise_ascent(part, target, channels, all_channels, settings, seed, normalization):
     gen = _generator(seed, target, 0)
-    scale = settings.noise_conv if target.kind == "conv" else settings.noise_class
+    scale = settings.noise_conv if target.spatial else settings.noise_class
     x = ((torch.rand(all_channels, *target.image_shape, generator=gen) - 0.5) * scale)[channels]
     value = torch.zeros(len(channels))
     for _ in range(settings.steps):
@@ -346,35 +431,51 @@ def _threads(n: int | None):
         torch.set_num_threads(previous)
 
 
-def maximum_stimuli(model: nn.Sequential, target: Target, normalization: Normalization,
+def maximum_stimuli(model: nn.Module, target: Target, normalization: Normalization,
                     settings: StimulusSettings | None = None, seed: int = 0,
                     channels: list[int] | None = None, threads: int | None = 1) -> Stimuli:
     """Stimuli for ``channels`` of ``target`` (all by default), optimized as one batch."""
+    return _stimuli(_prepare(model), target, normalization, settings, seed, channels, threads)
+
+
+def _stimuli(prepared: nn.Module, target: Target, normalization: Normalization,
+             settings: StimulusSettings | None, seed: int, channels: list[int] | None,
+             threads: int | None) -> Stimuli:
+    """:func:`maximum_stimuli` on a model already copied by :func:`_prepare`."""
     settings = (settings or StimulusSettings()).validate()
     all_channels = list(range(target.channels))
     channels = all_channels if channels is None else [int(c) for c in channels]
     bad = [c for c in channels if not 0 <= c < target.channels]
     if bad:
         raise VisualizationError(f"{target.name} has channels 0..{target.channels - 1}; asked for {bad}")
-    part = _prefix(model, target)
+    part = _Probe(prepared, target.name if target.spatial else None, stop=STOP_EARLY)
     index = torch.tensor(channels, dtype=torch.long)
     started = time.perf_counter()
     ascent = _exercise_ascent if settings.method == "exercise" else _default_ascent
-    with _threads(threads):
-        floats, value = ascent(part, target, index, target.channels, settings, seed, normalization)
+    try:
+        with _threads(threads):
+            floats, value = ascent(part, target, index, target.channels, settings, seed, normalization)
+    finally:
+        part.close()
     floats = floats.detach().clamp(0, 255)
     return Stimuli(target, channels, floats.round().to(torch.uint8), floats, value.numpy(),
                    time.perf_counter() - started)
 
 
-def all_stimuli(model: nn.Sequential, normalization: Normalization, settings: StimulusSettings | None = None,
-                seed: int = 0, log=None, threads: int | None = 1) -> list[Stimuli]:
-    """Stimuli for every channel of every conv layer and for every class, one batch per layer."""
+def all_stimuli(model: nn.Module, normalization: Normalization, settings: StimulusSettings | None = None,
+                seed: int = 0, log=None, threads: int | None = 1, max_channels: int | None = None) -> list[Stimuli]:
+    """Stimuli for every channel of every target (conv layer or residual block, see
+    :func:`stimulus_targets`) and for every class, one batch per layer. ``max_channels``: only each
+    layer's first N channels (the same images as in a full run: each channel's stimulus is its own)."""
+    prepared = _prepare(model)
     results = []
     for target in stimulus_targets(model):
-        results.append(maximum_stimuli(model, target, normalization, settings, seed, threads=threads))
+        channels = None
+        if max_channels and target.spatial and target.channels > max_channels:
+            channels = list(range(max_channels))
+        results.append(_stimuli(prepared, target, normalization, settings, seed, channels, threads))
         if log:
-            log(f"  {target.name}: {target.channels} stimuli in {results[-1].seconds:.1f} s")
+            log(f"  {target.name}: {len(results[-1].channels)} stimuli in {results[-1].seconds:.1f} s")
     return results
 
 
@@ -404,11 +505,11 @@ def mean_color_image(n: int = 1, size: int = 32) -> torch.Tensor:
 # Filters, activation maps, saliency, Grad-CAM
 
 
-def first_layer_filters(model: nn.Sequential) -> torch.Tensor:
+def first_layer_filters(model: nn.Module) -> torch.Tensor:
     """The kernels of the conv that sees the RGB input (the frozen patch-whitening one in airbench-style
     nets) as uint8 images (C, 3, k, k), all on one shared scale so their relative strength shows (zero is
     mid-gray)."""
-    conv = next((m for m in model.children() if isinstance(m, nn.Conv2d) and m.in_channels == 3), None)
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d) and m.in_channels == 3), None)
     if conv is None:
         raise VisualizationError("the model has no conv layer on the RGB input; no filters to show")
     w = conv.weight.detach().float()
@@ -417,16 +518,28 @@ def first_layer_filters(model: nn.Sequential) -> torch.Tensor:
 
 
 @torch.no_grad()
-def activation_maps(model: nn.Sequential, image: torch.Tensor, normalization: Normalization) -> dict[str, torch.Tensor]:
-    """For one uint8 image (C, H, W): each conv target's activation maps (C, H, W)."""
-    positions = {t.position: t.name for t in stimulus_targets(model) if t.kind == "conv"}
-    x, maps = normalization(image[None]), {}
-    with _evaluating(model):
-        for i, layer in enumerate(model.children()):
-            x = layer(x)
-            if i in positions:
-                maps[positions[i]] = x[0].clone()
-    return maps
+def activation_maps(model: nn.Module, image: torch.Tensor, normalization: Normalization,
+                    layers: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """For one uint8 image (C, H, W): the activation maps (C, H, W) of each named layer (default: each
+    stimulus target, i.e. every conv layer's and residual block's output after its activation), taken
+    by forward hooks in one pass."""
+    names = list(layers) if layers is not None else [t.name for t in stimulus_targets(model) if t.spatial]
+    modules = {name: _module(model, name) for name in names}
+    maps: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            maps[name] = output[0].detach().clone()
+        return hook
+
+    handles = [module.register_forward_hook(keep(name)) for name, module in modules.items()]
+    try:
+        with _evaluating(model):
+            model(normalization(image[None]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: maps[name] for name in names}
 
 
 @contextlib.contextmanager
@@ -448,7 +561,7 @@ def _logits_and_input_grad(model, images, normalization, classes):
     return grad, classes
 
 
-def saliency(model: nn.Sequential, images: torch.Tensor, normalization: Normalization,
+def saliency(model: nn.Module, images: torch.Tensor, normalization: Normalization,
              classes=None) -> tuple[torch.Tensor, torch.Tensor]:
     """|d logit / d input|, max over color channels, scaled to 0..1 per image; and the classes explained
     (the predicted ones unless given)."""
@@ -458,18 +571,50 @@ def saliency(model: nn.Sequential, images: torch.Tensor, normalization: Normaliz
     return sal / sal.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1), classes
 
 
-def grad_cam(model: nn.Sequential, images: torch.Tensor, normalization: Normalization,
-             classes=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grad-CAM on the last conv layer (after its activation): channel weights = spatial mean of the
-    class logit's gradient, map = ReLU of the weighted sum, upsampled to the image size and scaled to 0..1."""
-    convs = [t for t in stimulus_targets(model) if t.kind == "conv"]
-    if not convs:
+def default_cam_layer(model: nn.Module) -> str:
+    """Grad-CAM's default layer: the last conv layer's or residual block's output (after its activation),
+    i.e. the last spatial stimulus target."""
+    spatial = [t for t in stimulus_targets(model) if t.spatial]
+    if not spatial:
         raise VisualizationError("the model has no conv layer; Grad-CAM needs one")
-    layers = list(model.children())
-    split = convs[-1].position + 1
-    with _evaluating(model):
-        features = nn.Sequential(*layers[:split])(normalization(images)).detach().requires_grad_(True)
-        logits = nn.Sequential(*layers[split:])(features)
+    return spatial[-1].name
+
+
+def check_cam_layer(model: nn.Module, layer: str | None) -> str:
+    """``layer`` (default: :func:`default_cam_layer`) if it names a layer with a (C, H, W) output."""
+    if layer is None:
+        return default_cam_layer(model)
+    _module(model, layer)  # an unknown name: the error lists the names
+    shapes = {info.name: info.output_shape for info in _layer_infos(model)}
+    if len(shapes[layer]) != 3:
+        spatial = layer_names(model, spatial=True)
+        raise VisualizationError(f"Grad-CAM needs a layer with a (C, H, W) output; {layer!r} outputs "
+                                 f"{tuple(shapes[layer])}. Layers with one: {', '.join(spatial[-12:])}")
+    return layer
+
+
+def grad_cam(model: nn.Module, images: torch.Tensor, normalization: Normalization,
+             classes=None, layer: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grad-CAM on the layer named ``layer`` (default: the last conv layer or block, after its
+    activation): channel weights = spatial mean of the class logit's gradient with respect to that
+    layer's output, map = ReLU of the weighted sum, upsampled to the image size and scaled to 0..1.
+
+    A forward hook replaces the layer's output by a detached copy that requires grad, so the gradient is
+    taken with respect to exactly that tensor whatever the parameters' ``requires_grad``."""
+    layer = check_cam_layer(model, layer)
+    captured = {}
+
+    def hook(module, args, output):
+        captured["features"] = output.detach().requires_grad_(True)
+        return captured["features"]
+
+    handle = _module(model, layer).register_forward_hook(hook)
+    try:
+        with _evaluating(model), torch.enable_grad():
+            logits = model(normalization(images))
+    finally:
+        handle.remove()
+    features = captured["features"]
     classes = logits.argmax(1) if classes is None else torch.as_tensor(classes)
     (grad,) = torch.autograd.grad(logits[torch.arange(len(images)), classes].sum(), features)
     cam = F.relu((grad.mean((2, 3), keepdim=True) * features.detach()).sum(1, keepdim=True))
@@ -529,7 +674,9 @@ def plot_layer_stimuli(stimuli: Stimuli, path, method: str) -> Path:
     t = stimuli.target
     labels = [f"#{c}" for c in stimuli.channels]
     cols = 16 if len(labels) > 32 else 8
-    title = f"{t.name} (after {t.conv}): maximum stimulus of each channel, {method} method"
+    which = "each channel" if len(labels) == t.channels else f"its first {len(labels)} of {t.channels} channels"
+    after = "" if t.conv == t.name else f" (after {t.conv})"
+    title = f"{t.name}{after}: maximum stimulus of {which}, {method} method"
     return _tile_figure(plots.to_hwc(stimuli.images), labels, path, cols, title, tile_inches=0.9)
 
 
@@ -582,7 +729,7 @@ def plot_activation_maps(image: torch.Tensor, maps: dict[str, torch.Tensor], tit
 
 
 def plot_attributions(images: torch.Tensor, sal: torch.Tensor, cam: torch.Tensor, titles: list[str],
-                      path) -> Path:
+                      path, cam_layer: str = "the last conv layer") -> Path:
     """One column per image: the image, saliency overlaid, Grad-CAM overlaid."""
     plt = plots.pyplot()
 
@@ -598,7 +745,7 @@ def plot_attributions(images: torch.Tensor, sal: torch.Tensor, cam: torch.Tensor
                 ax.imshow(overlay.numpy(), cmap=cmap, alpha=0.55, vmin=0, vmax=1, interpolation="bilinear")
             ax.axis("off")
             ax.set_title(titles[i] if r == 0 else label, fontsize=8)
-    fig.suptitle("Where the net looks: saliency (input gradient) and Grad-CAM on the last conv layer", fontsize=11)
+    fig.suptitle(f"Where the net looks: saliency (input gradient) and Grad-CAM on {cam_layer}", fontsize=11)
     fig.tight_layout()
     return plots.save_figure(fig, path)
 
@@ -618,20 +765,24 @@ class VisualizationResult:
 
 def render_all(ckpt, out_dir, data=None, method: str = "default", seed: int = 0, images=None,
                settings: StimulusSettings | None = None, also_exercise_classes: bool = True,
-               log=print, threads: int | None = 1, explanations=None) -> VisualizationResult:
+               log=print, threads: int | None = 1, cam_layer: str | None = None,
+               max_channels: int | None = None, explanations=None) -> VisualizationResult:
     """Stimuli of every layer, class stimuli with the grader check, filters, and (given test data)
-    activation maps, saliency and Grad-CAM for test images ``images``; PNGs plus ``summary.json``."""
+    activation maps, saliency and Grad-CAM (on ``cam_layer``, default the last conv layer or block) for
+    test images ``images``; PNGs plus ``summary.json``. ``max_channels``: stimuli for at most each
+    layer's first N channels (default: all)."""
     out_dir = _prepare_out_dir(out_dir)
     if data is not None:
         images = _check_indices(images, len(data.test))
     model = ckpt.model.cpu().eval()
+    cam_layer = check_cam_layer(model, cam_layer)  # before the long part: a bad name fails at once
     normalization = Normalization.from_dict(ckpt.meta["normalization"])
     classes = list(ckpt.meta.get("classes") or [str(i) for i in range(_num_outputs(model))])
     settings = settings or StimulusSettings.for_method(method)
     files, probs, seconds = {}, {}, {}
 
     started = time.perf_counter()
-    stimuli = all_stimuli(model, normalization, settings, seed, log=log, threads=threads)
+    stimuli = all_stimuli(model, normalization, settings, seed, log=log, threads=threads, max_channels=max_channels)
     seconds[f"stimuli_{settings.method}"] = time.perf_counter() - started
     log(f"{sum(len(s.channels) for s in stimuli)} stimuli ({settings.method} method) in "
         f"{seconds[f'stimuli_{settings.method}']:.1f} s")
@@ -651,7 +802,7 @@ def render_all(ckpt, out_dir, data=None, method: str = "default", seed: int = 0,
 
     files["filters"] = str(plot_filters(first_layer_filters(model), out_dir / "filters.png"))
     if data is not None:
-        files.update(_image_plots(model, normalization, data, images, out_dir))
+        files.update(_image_plots(model, normalization, data, images, out_dir, cam_layer))
     explained = {}
     if data is not None:  # attribution methods, faithfulness, sanity check, dataset examples (explain.py)
         explained_files, explained = explain.render(model, normalization, data, images, stimuli, out_dir,
@@ -659,6 +810,7 @@ def render_all(ckpt, out_dir, data=None, method: str = "default", seed: int = 0,
         files.update(explained_files)
     atomic_write_json(out_dir / "summary.json", {
         "method": settings.method, "seed": seed, "settings": asdict(settings), "class_probabilities": probs,
+        "gradcam_layer": cam_layer, "max_channels": max_channels,
         "seconds": seconds, "files": files, "explanations": explained,
         "note": "class_probabilities: p(class k | stimulus of class k), the uint8 stimulus re-normalized "
                 "with the checkpoint's normalization"})
@@ -668,16 +820,18 @@ def render_all(ckpt, out_dir, data=None, method: str = "default", seed: int = 0,
 DEFAULT_IMAGES = (0, 1, 2, 3, 4, 5, 6, 7)
 
 
-def _image_plots(model, normalization, data, images, out_dir: Path) -> dict[str, str]:
+def _image_plots(model, normalization, data, images, out_dir: Path, cam_layer: str | None = None) -> dict[str, str]:
     test = data.test
     indices = _check_indices(images, len(test))
     batch = test.images[indices]
     sal, predicted = saliency(model, batch, normalization)
-    cam, _ = grad_cam(model, batch, normalization, predicted)
+    cam_layer = check_cam_layer(model, cam_layer)
+    cam, _ = grad_cam(model, batch, normalization, predicted, layer=cam_layer)
     probs = class_probabilities(model, batch, normalization)
     titles = [f"#{i} true: {data.classes[test.labels[i]]}\npred: {data.classes[p]} {probs[k, p]:.2f}"
               for k, (i, p) in enumerate(zip(indices, predicted.tolist()))]
-    files = {"attributions": str(plot_attributions(batch, sal, cam, titles, out_dir / "saliency_gradcam.png"))}
+    files = {"attributions": str(plot_attributions(batch, sal, cam, titles, out_dir / "saliency_gradcam.png",
+                                                   cam_layer=repr(cam_layer)))}
     first = indices[0]
     maps = activation_maps(model, test.images[first], normalization)
     if maps:

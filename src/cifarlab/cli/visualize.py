@@ -25,6 +25,12 @@ def register(sub) -> None:
     p.add_argument("--threads", type=bounded_int(0, 1024), default=1,
                    help="CPU threads for the gradient ascent (default 1: its batches are small; 0: torch's "
                         "default)")
+    p.add_argument("--layer", metavar="NAME", help="the layer Grad-CAM explains, by its declared name (dotted "
+                                                  "inside a residual block, e.g. layer4_2.conv2; default: the "
+                                                  "last conv layer or block, after its activation)")
+    p.add_argument("--max-channels", type=bounded_int(1, 1 << 16), metavar="N",
+                   help="maximum stimuli for at most the first N channels of each layer (default: all; wide "
+                        "nets such as resnet18 have 64-512 per block)")
     p.add_argument("--out", help="output folder (default: <run or checkpoint folder>/visualize)")
     p.add_argument("--images", type=bounded_int(0, 10 ** 9), nargs="+", metavar="IDX",
                    help=f"test-set images for activation maps, saliency and Grad-CAM (default: "
@@ -72,6 +78,7 @@ def run(args) -> int:
     data = load_data(args, stored=ckpt.meta.get("dataset"))
     settings = StimulusSettings.for_method(args.method, steps=args.steps, fft=args.fft or None)
     result = render_all(ckpt, out, data=data, seed=args.seed, images=args.images, settings=settings,
-                        threads=args.threads or None, explanations=explain_settings(args))
+                        threads=args.threads or None, cam_layer=args.layer, max_channels=args.max_channels,
+                        explanations=explain_settings(args))
     print(f"written to {result.out_dir}/: " + ", ".join(Path(f).name for f in result.files.values()))
     return 0
