@@ -69,6 +69,17 @@ def test_render_all_writes_every_explanation(tiny, tmp_path):
     assert "NaN" not in (out / "explanations.json").read_text()
 
 
+def test_grad_cam_layer_is_visualizes(tiny, tmp_path):
+    ckpt, data, _ = tiny
+    first_conv = next(n for n, m in ckpt.model.named_modules() if isinstance(m, torch.nn.Conv2d))
+    small = explain.ExplainSettings(faithfulness_images=4, faithfulness_steps=2, sanity_images=2, example_images=0,
+                                    methods=("grad_cam", "saliency"))
+    files, summary = explain.render(ckpt.model, Normalization.named("exercise"), data, [0, 1], [], tmp_path, small,
+                                    log=lambda *a: None, cam_layer=first_conv)
+    assert summary["maps"]["layers"] == {"grad_cam": first_conv}
+    assert set(summary["sanity"]["methods"]) == {"grad_cam", "saliency"}
+
+
 def test_switches(tiny, tmp_path):
     ckpt, data, _ = tiny
     result = V.render_all(ckpt, tmp_path / "off", data=data, settings=V.StimulusSettings(steps=1), images=[0],

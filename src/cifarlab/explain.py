@@ -65,9 +65,11 @@ class ExplainSettings:
 
 
 def render(model, normalization, data, indices: list[int], stimuli, out_dir: Path,
-           settings: ExplainSettings | bool | None = None, seed: int = 0, log=print) -> tuple[dict[str, str], dict]:
+           settings: ExplainSettings | bool | None = None, seed: int = 0, log=print,
+           cam_layer: str | None = None) -> tuple[dict[str, str], dict]:
     """Everything in the module docstring; returns (files, summary). ``stimuli``: visualize's list of
-    :class:`~cifarlab.visualize.Stimuli` (may be empty: no dataset examples then)."""
+    :class:`~cifarlab.visualize.Stimuli` (may be empty: no dataset examples then). ``cam_layer``: the
+    layer (module name) of Grad-CAM and Grad-CAM++ (default: the last conv layer)."""
     from . import faithfulness as faith
 
     if settings is False:
@@ -85,7 +87,9 @@ def render(model, normalization, data, indices: list[int], stimuli, out_dir: Pat
     # 1. the maps of every method on the same images
     started = time.perf_counter()
     batch = test.images[indices]
-    maps = attr.attribute_all(model, batch, normalization, methods=methods, target="predicted", seed=seed)
+    layer_options = {m: {"layer": cam_layer} for m in attr.LAYER_METHODS} if cam_layer else {}
+    maps = attr.attribute_all(model, batch, normalization, methods=methods, target="predicted", seed=seed,
+                              layer=cam_layer)
     predicted = next(iter(maps.values())).targets if maps else torch.empty(0, dtype=torch.long)
     titles = [f"#{i} {data.classes[int(test.labels[i])]}\npred: {data.classes[int(p)]}"
               for i, p in zip(indices, predicted.tolist())]
@@ -102,7 +106,8 @@ def render(model, normalization, data, indices: list[int], stimuli, out_dir: Pat
         started = time.perf_counter()
         chosen = np.sort(rng.choice(len(test), size=n_faith, replace=False))
         table = faith.faithfulness_table(model, test.images[chosen], test.labels[chosen], normalization,
-                                         methods=methods, steps=settings.faithfulness_steps, seed=seed)
+                                         methods=methods, steps=settings.faithfulness_steps, seed=seed,
+                                         method_options=layer_options)
         table["settings"]["images"] = "seeded random choice of test images"
         summary["faithfulness"] = table
         files["faithfulness"] = str(plot_faithfulness(table, out_dir / "faithfulness.png"))
@@ -117,7 +122,8 @@ def render(model, normalization, data, indices: list[int], stimuli, out_dir: Pat
     if n_sanity:
         started = time.perf_counter()
         chosen = np.sort(rng.choice(len(test), size=n_sanity, replace=False))
-        sanity = faith.cascading_randomization(model, test.images[chosen], normalization, methods=methods, seed=seed)
+        sanity = faith.cascading_randomization(model, test.images[chosen], normalization, methods=methods, seed=seed,
+                                               method_options=layer_options)
         summary["sanity"] = sanity
         files["sanity"] = str(plot_sanity(sanity, out_dir / "sanity.png"))
         summary["seconds"]["sanity"] = time.perf_counter() - started

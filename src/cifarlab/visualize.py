@@ -806,7 +806,7 @@ def render_all(ckpt, out_dir, data=None, method: str = "default", seed: int = 0,
     explained = {}
     if data is not None:  # attribution methods, faithfulness, sanity check, dataset examples (explain.py)
         explained_files, explained = explain.render(model, normalization, data, images, stimuli, out_dir,
-                                                    explanations, seed, log)
+                                                    explanations, seed, log, cam_layer)
         files.update(explained_files)
     atomic_write_json(out_dir / "summary.json", {
         "method": settings.method, "seed": seed, "settings": asdict(settings), "class_probabilities": probs,
