@@ -48,9 +48,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="bf16 or fp16 autocast (fp16 with a gradient scaler), or fp32 (default auto: bf16 on "
                         "CUDA compute capability >= 8.0 and on CPUs with native bf16, fp16 on older GPUs, else fp32)")
-    r.add_argument("--threads", type=bounded_int(1, 1024),
-                   help="a fixed number of CPU threads, bitwise reproducible (default: adaptive, up to all cores: "
-                        "fewer when other processes compete for them; results then vary in the last bits)")
+    r.add_argument("--threads", type=bounded_int(1, 1024), help="CPU threads (default: all cores)")
+    r.add_argument("--adaptive-threads", action="store_true",
+                   help="CPU: re-time the thread count as the run goes and use fewer threads when other processes "
+                        "compete for the cores (results then vary in the last bits; not yet benchmarked, so off by "
+                        "default)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars (off anyway when stderr is "
                                                                "not a terminal)")
     r.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files")
@@ -110,7 +112,8 @@ def train_command(args, evaluate_after: bool) -> int:
             result = train(recipe, data, run_dir, device=device, resume=args.resume,
                            checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
                            compile=args.compile, log=log, max_steps=args.max_steps, tensorboard=args.tensorboard,
-                           precision=args.precision, adaptive_threads=not args.threads)
+                           precision=args.precision,
+                           adaptive_threads=args.adaptive_threads and not args.threads)
         except TrainingInterrupted as e:
             log(f"\n{e}. Continue with: {resume_command(args, name)}")
             return EXIT_INTERRUPTED
