@@ -357,7 +357,8 @@ def _explanation_sections(vis) -> list[str]:
     for m in methods:
         f = (faith.get("methods") or {}).get(m)
         s = (sanity.get("methods") or {}).get(m)
-        seconds = maps_seconds.get(m, 0.0) + (f["seconds_maps"] + f["seconds_curves"] if f else 0.0)
+        seconds = (maps_seconds.get(m, 0.0) + (f["seconds_maps"] + f["seconds_curves"] if f else 0.0)
+                   + (s["seconds"] if s else 0.0))
         row = [m.replace("_", " ")]
         if f:
             gain_d, gain_i = f["vs_random"]["deletion"]["mean_gain"], f["vs_random"]["insertion"]["mean_gain"]
