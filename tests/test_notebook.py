@@ -40,4 +40,4 @@ def test_notebook_runs(tmp_path, data_dir, monkeypatch, kernel_on_this_python):
     assert "Test accuracy:" in text and "Total params: 1,084,234" in text and "leaky_re_lu_4: 64 stimuli" in text
     pngs = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.data]
     assert len(pngs) >= 10
-    assert (tmp_path / "run" / "notebook" / "classes.png").exists()
+    assert (tmp_path / "run" / "figures" / "classes.png").exists()
