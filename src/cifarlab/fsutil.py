@@ -31,9 +31,8 @@ def umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _temporary_copy(path: Path, data: bytes) -> str:
+    """``data`` written and fsynced into a new temporary file beside ``path``; its name (removed on failure)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         # mkstemp makes the file owner-only (0600); give it the usual permissions (0666 minus the umask).
@@ -42,12 +41,28 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
+    except BaseException:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        raise
+    return tmp
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = None
+    try:
+        tmp = _temporary_copy(path, data)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
         if isinstance(e, OSError) and not e.filename:  # a full disk ("[Errno 28]") says which file it hit
             raise OSError(e.errno, e.strerror or str(e), str(path)) from None
         raise
@@ -68,13 +83,8 @@ def atomic_create_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     if os.path.lexists(path):
         raise FileExistsError(17, "File exists", str(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = _temporary_copy(path, data)
     try:
-        os.fchmod(fd, 0o666 & ~umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         os.link(tmp, path)
     finally:
         try:

@@ -51,6 +51,7 @@ from torch import nn
 from . import explain, plots
 from .data.cifar10 import CIFAR10_MEAN
 from .errors import CifarlabError
+from .attribution import evaluating as _evaluating  # eval mode for the block, then the caller's mode
 from .evaluate import predict_logits
 from .fsutil import atomic_write_json
 from .transforms import Normalization
@@ -540,17 +541,6 @@ def activation_maps(model: nn.Module, image: torch.Tensor, normalization: Normal
         for handle in handles:
             handle.remove()
     return {name: maps[name] for name in names}
-
-
-@contextlib.contextmanager
-def _evaluating(model: nn.Module):
-    """Eval mode (dropout off) for the duration, then the caller's mode back."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 def _logits_and_input_grad(model, images, normalization, classes):
