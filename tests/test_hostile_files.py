@@ -679,7 +679,7 @@ def _net(*layers) -> dict:
     ({"layers": [{"type": "relu"}] * 100_000}, "100000 layers is more than the 512 allowed"),
     ([1, 2], "a declaration must be an object with 'layers', not list"),
     ({"layers": [{"type": "conv", "filters": 8192}, {"type": "conv", "filters": 8192}]},
-     "layer 1 'conv_2': the model would exceed 500,000,000 parameters"),
+     "layer 1 'conv_2' (conv): the model would exceed 500,000,000 parameters"),
     ({"layers": [{"type": "conv", "filters": 8}, {"type": "flatten"}, {"type": "dense", "units": 65536},
                  {"type": "dense", "units": 65536}]}, "would exceed 500,000,000 parameters"),
     ({"layers": [{"type": "flatten"}, {"type": "dense", "units": 11}]},
