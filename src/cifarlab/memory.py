@@ -51,7 +51,7 @@ def estimate(declaration: dict, batch_size: int, optimizer_slots: int = 3) -> Es
     outputs: list[tuple[str, int]] = []
     hooks = [module.register_forward_hook(
         lambda m, i, o, name=name: outputs.append((name, o[0].numel() if o.ndim else 1)))
-        for name, module in model.named_children()]
+        for name, module in model.named_modules() if name]  # every layer, inside residual blocks too
     try:
         with torch.no_grad():
             model.eval()(torch.empty((1, *_input_shape(model.declaration)), device="meta"))
