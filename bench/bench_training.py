@@ -7,6 +7,7 @@ on first use with `pip install tensorflow-cpu`), never as a cifarlab dependency.
 
     python bench/bench_training.py --data-dir ../shared/cifar-10-batches-bin [--steps 300] [--repeats 3]
     python bench/bench_training.py ... --presets        # also the fast / airbench94 presets (train + eval img/s)
+    python bench/bench_training.py ... --paired 5       # equal precision only, Keras and cifarlab interleaved
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import importlib
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,9 +50,10 @@ def cifarlab_rate(data: CIFAR10, preset: str, steps: int, repeats: int, train_kw
     n = steps * recipe.batch_size
     small = CIFAR10(data.train.subset(slice(0, n)), data.test.subset(slice(0, 100)), data.classes)
     rates = []
-    for r in range(repeats + 1):  # the first repeat warms up allocators and kernels
-        result = train(recipe, small, Path(f"/tmp/cifarlab-bench/{preset}-{r}"), progress=False, log=lambda *a: None,
-                       **(train_kwargs or {}))
+    for _ in range(repeats + 1):  # the first repeat warms up allocators and kernels
+        with tempfile.TemporaryDirectory() as tmp:  # a new run never writes into an existing folder
+            result = train(recipe, small, Path(tmp) / "run", progress=False, log=lambda *a: None,
+                           **(train_kwargs or {}))
         rates.append(result.history[0]["images_per_s"])
     return median(rates[1:])
 
@@ -80,6 +83,28 @@ def eval_rate(data: CIFAR10, preset: str, repeats: int) -> float:
         predict_logits(model, images, norm, tta=recipe.tta)
         times.append(time.perf_counter() - start)
     return len(images) / median(times[1:])
+
+
+def two_process_rate(data_dir: Path, steps: int, repeats: int, precision: str) -> float:
+    """cifarlab under torchrun: 2 processes x 1 thread, batch 16 each (global batch 32), gloo all-reduce.
+
+    The idea (issue 13): no OpenMP barrier is crossed per op; the price is a 4.3 MB gradient all-reduce
+    per step over loopback. Read from the run's metrics.csv (images/s summed over both processes)."""
+    import csv
+    import os
+
+    rates = []
+    for _ in range(repeats + 1):
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   "-m", "cifarlab", "train", "--preset", "exercise", "--epochs", "1", "--batch-size", "16",
+                   "--threads", "1", "--train-subset", str(steps * 32), "--data-dir", str(data_dir),
+                   "--no-download", "--no-progress", "--precision", precision, "--runs-dir", tmp, "--name", "r"]
+            env = dict(os.environ, OMP_NUM_THREADS="1")
+            subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+            with open(Path(tmp) / "r" / "metrics.csv") as f:
+                rates.append(float(next(csv.DictReader(f))["images_per_s"]))
+    return median(rates[1:])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -168,8 +193,14 @@ def main():
     ap.add_argument("--variants", action="store_true", help="also Keras mixed_bfloat16, cifarlab with the "
                     "per-parameter optimizer loop, with NCHW and with torch.compile")
     ap.add_argument("--only-presets", action="store_true", help="just the presets table")
+    ap.add_argument("--paired", type=int, metavar="ROUNDS",
+                    help="just the equal-precision comparison: ROUNDS rounds, each timing Keras fp32, cifarlab fp32, "
+                         "Keras mixed_bfloat16 and cifarlab bf16 back to back (--repeats runs each); the ratios are "
+                         "taken within each round, so a machine that drifts between rounds does not bias them")
     args = ap.parse_args()
     data = load_cifar10(args.data_dir, download=False)
+    if args.paired:
+        return compare_paired(data, args)
     if not args.only_presets:
         compare_exercise(data, args)
     if args.presets or args.only_presets:
@@ -204,6 +235,8 @@ def compare_exercise(data: CIFAR10, args) -> None:
         rows.append({"implementation": "cifarlab, NCHW instead of channels_last",
                      "train img/s": cifarlab_rate(data, "exercise", args.steps, args.repeats,
                                                   {"channels_last": False})})
+        rows.append({"implementation": "cifarlab fp32, torchrun 2 processes x 1 thread, batch 16 each (gloo)",
+                     "train img/s": two_process_rate(data.root, args.steps, args.repeats, "fp32")})
         rows.append({"implementation": "cifarlab --compile (torch.compile)",
                      "train img/s": cifarlab_rate(data, "exercise", args.steps, args.repeats, {"compile": True})})
     base = rows[0]["train img/s"]
@@ -211,6 +244,33 @@ def compare_exercise(data: CIFAR10, args) -> None:
         r["vs first row"] = f"{r['train img/s'] / base:.2f}x"
         r["s/epoch (50k)"] = 50_000 / r["train img/s"]
     print(table(rows, ["implementation", "train img/s", "s/epoch (50k)", "vs first row"]))
+
+
+def compare_paired(data: CIFAR10, args) -> None:
+    header("Equal precision, paired: cifarlab vs Keras 3, exercise net and recipe (batch 32)",
+           f"images/s of training; {args.paired} rounds, each: Keras fp32, cifarlab fp32, Keras mixed_bfloat16, "
+           f"cifarlab bf16 autocast, each the median of {args.repeats} runs of {args.steps} steps after a warm-up "
+           f"run; ratio = cifarlab / Keras within the round")
+    steps = ("--steps", str(args.steps), "--repeats", str(args.repeats))
+    rows = []
+    for r in range(args.paired):
+        row = {"round": r + 1}
+        row["Keras fp32"] = keras_run(data.root, *steps)["images_per_s"]
+        row["cifarlab fp32"] = cifarlab_rate(data, "exercise", args.steps, args.repeats, {"precision": "fp32"})
+        row["Keras bf16"] = keras_run(data.root, *steps, "--mixed-bf16")["images_per_s"]
+        row["cifarlab bf16"] = cifarlab_rate(data, "exercise", args.steps, args.repeats, {"precision": "bf16"})
+        row["fp32 ratio"] = row["cifarlab fp32"] / row["Keras fp32"]
+        row["bf16 ratio"] = row["cifarlab bf16"] / row["Keras bf16"]
+        rows.append(row)
+        print("  " + ", ".join(f"{k} {v:,.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+              flush=True)
+    columns = ["round", "Keras fp32", "cifarlab fp32", "fp32 ratio", "Keras bf16", "cifarlab bf16", "bf16 ratio"]
+    med = {"round": "median", **{c: median([r[c] for r in rows]) for c in columns[1:]}}
+    for r in rows + [med]:
+        for c in ("fp32 ratio", "bf16 ratio"):
+            r[c] = f"{r[c]:.2f}x"
+    print()
+    print(table(rows + [med], columns))
 
 
 def compare_presets(data: CIFAR10, args) -> None:

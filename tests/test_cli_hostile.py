@@ -175,7 +175,7 @@ def test_ctrl_c_hint_is_a_command_that_works(folder, tmp_path):
     assert proc.returncode == 130, err
     hint = next(line for line in out.splitlines() if "Continue with: " in line).split("Continue with: ")[1]
     # Before: "cifarlab train --name sig --resume" (no --preset, --train-subset, --runs-dir): it failed.
-    assert hint == f"cifarlab train --name sig --runs-dir {shlex.quote(str(runs))} --resume"
+    assert hint == f"cifarlab train --name sig --runs-dir {shlex.quote(str(runs))} --threads 1 --resume"
     command = shlex.split(hint)
     assert command[0] == "cifarlab"
     done = subprocess.run([sys.executable, "-m", "cifarlab", *command[1:], "--max-steps", "3"], capture_output=True,

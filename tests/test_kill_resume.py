@@ -381,8 +381,9 @@ def test_cli_ctrl_c_saves_exits_130_and_says_how_to_resume(small, tmp_path, caps
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, out + err
     assert "interrupted; checkpoint saved at" in out
-    # The hint names the runs folder (issue 14 case 11); --resume takes recipe, model and data from the run.
-    assert f"Continue with: cifarlab train --name r --runs-dir {runs} --resume" in out
+    # The hint names the runs folder (issue 14 case 11); --resume takes recipe, model and data from the run;
+    # a fixed --threads is repeated (it keeps the resumed run bitwise equal to an uninterrupted one).
+    assert f"Continue with: cifarlab train --name r --runs-dir {runs} --threads 1 --resume" in out
     assert "Traceback" not in err
     saved = _good_step(runs / "r")
     assert saved > 0

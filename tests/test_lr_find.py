@@ -9,7 +9,7 @@ import torch
 
 from cifarlab.cli import main
 from cifarlab.data import CIFAR10
-from cifarlab.lr_find import lr_find, lr_schedule, save, smooth, suggest
+from cifarlab.lr_find import default_steps, lr_find, lr_schedule, save, smooth, suggest
 from cifarlab.train import recipe_from
 
 TINY = {"name": "tiny", "layers": [{"type": "conv", "filters": 8}, {"type": "relu"}, {"type": "maxpool", "size": 4},
@@ -30,6 +30,12 @@ def test_schedule_and_smoothing():
     assert 10 ** -2 < lowest < 10 ** -0.5
 
 
+def test_default_steps_show_the_net_enough_images():
+    assert default_steps(32) == 400      # 12,800 images at the exercise's batch
+    assert default_steps(1024) == 100    # never fewer than 100 steps
+    assert default_steps(2000) == 100 and default_steps(64) == 200
+
+
 def test_range_test_on_a_tiny_net(cifar, tmp_path, one_thread):
     data = CIFAR10(cifar.train.subset(slice(0, 512)), cifar.test.subset(slice(0, 10)), cifar.classes)
     torch.manual_seed(0)
@@ -43,8 +49,9 @@ def test_range_test_on_a_tiny_net(cifar, tmp_path, one_thread):
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert torch.equal(torch.get_rng_state(), rng)
-    assert 1e-5 <= result.suggestion <= 100.0 and result.suggestion in result.lrs
-    assert 1e-5 <= result.min_loss_lr <= 100.0
+    assert 1e-5 <= result.min_loss_lr <= 100.0 and result.min_loss_lr in result.lrs
+    assert result.suggestion == pytest.approx(result.min_loss_lr / 10)  # fastai's "minimum" rule
+    assert result.steepest_lr in result.lrs and result.steepest_lr <= result.min_loss_lr
     assert result.stopped_early  # Adamax at lr 100 diverges
     assert all(math.isfinite(v) for v in result.smoothed)
     files = save(result, tmp_path / "out")
@@ -63,6 +70,7 @@ def test_lr_find_command(data_dir, tmp_path, capsys, one_thread):
     printed = capsys.readouterr().out
     assert "suggested_lr" in printed and "cifarlab train --preset exercise --lr" in printed
     saved = json.loads((out / "lr_find.json").read_text())
-    assert 1e-4 <= saved["suggestion"] <= 10 and (out / "lr_find.png").stat().st_size > 1000
+    assert 1e-5 <= saved["suggestion"] <= 1 and (out / "lr_find.png").stat().st_size > 1000
+    assert saved["suggestion"] == pytest.approx(saved["min_loss_lr"] / 10) and len(saved["lrs"]) <= 20
     assert main(["lr-find", "--start-lr", "1", "--end-lr", "0.1", "--data-dir", str(data_dir), "--no-download",
                  "--out", str(out)]) == 2

@@ -30,7 +30,7 @@ def check_compatible(ckpt: Checkpoint, data: Dataset, model_name: str | None = N
 
 def evaluate_to_folder(ckpt: Checkpoint, data: Dataset, out_dir: str | Path, seed: int = 0,
                        gallery_size: int = 16, tta: int | None = None, device=None,
-                       shifted: list[Dataset] = ()) -> tuple[Evaluation, dict]:
+                       shifted: list[Dataset] = (), tta_below: float | None = None) -> tuple[Evaluation, dict]:
     """Test-set evaluation: results.json, confusion matrix (PNG + counts), per-class accuracy, galleries."""
     out_dir = Path(out_dir)
     if device:
@@ -40,9 +40,10 @@ def evaluate_to_folder(ckpt: Checkpoint, data: Dataset, out_dir: str | Path, see
     normalization = Normalization.from_dict(ckpt.meta["normalization"])
     tta = checkpoint_tta(ckpt.meta, tta)
     model = ckpt.model.to(device) if device else ckpt.model
-    ev = evaluate_model(model, data.test.images, data.test.labels, data.classes, normalization, tta=tta, device=device)
+    ev = evaluate_model(model, data.test.images, data.test.labels, data.classes, normalization, tta=tta, device=device,
+                        tta_below=tta_below)
     results = dict(ev.to_dict(), checkpoint=str(ckpt.path), architecture=ckpt.meta["architecture"]["name"],
-                   tta=tta, epoch=ckpt.meta.get("epoch"), weights_sha256=ckpt.meta.get("weights_sha256"))
+                   tta=tta, tta_below=tta_below, epoch=ckpt.meta.get("epoch"), weights_sha256=ckpt.meta.get("weights_sha256"))
     rng = np.random.default_rng(seed)
     random_idx = rng.choice(len(ev.labels), size=min(gallery_size, len(ev.labels)), replace=False)
     worst_idx = ev.worst_mistakes(gallery_size)
@@ -107,7 +108,9 @@ def _evaluate_on(ckpt: Checkpoint, data: Dataset, normalization: Normalization, 
 def results_summary(results: dict) -> str:
     tta = tta_level(results.get("tta"))
     lines = [f"Test accuracy: {100 * results['accuracy']:.2f}% on {results['num_images']:,} images"
-             + (f" ({TTA_LEVELS[tta]})" if tta else ""), "Per-class accuracy:"]
+             + (f" ({TTA_LEVELS[tta]}" + (f", only below p = {results['tta_below']:g}"
+                                            if results.get("tta_below") is not None else "") + ")" if tta else ""),
+             "Per-class accuracy:"]
     if len(results["per_class_accuracy"]) <= 20:
         lines += [f"  {name:<12}{100 * acc:6.2f}%" for name, acc in results["per_class_accuracy"].items()]
     else:  # 100 classes: the spread, and where it fails

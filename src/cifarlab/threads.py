@@ -7,9 +7,10 @@ at 36% of its quiet rate with 2 threads, while one thread was not slowed down at
 
 :class:`AdaptiveThreads` measures what each thread count achieves and keeps the fastest:
 
-1. after a few warm-up steps it times every count of the ladder (all cores, half, ..., 1) for a few
-   steps each (the first steps after a switch are discarded) and keeps the fastest; more threads win ties
-   within ``margin``;
+1. after a few warm-up steps (at one thread) it times every count of the ladder (1, 2, ..., all cores)
+   for a few steps each (the mean time per image, so stalls count; the first steps after a switch are
+   discarded) and keeps the fastest; more threads win ties within ``margin``. A count whose first ``early`` steps are already ``abandon`` x slower than the best
+   count timed so far is dropped at once: under load the slow count costs 3 steps, not 8;
 2. it then watches the median time per image over a window of steps. A median above ``jump`` x the best
    seen at this count (something started running) triggers a re-probe of the neighbouring counts;
 3. every ``recheck`` steps it re-probes the neighbours anyway (the competitor may have stopped: one
@@ -22,8 +23,9 @@ Cost on a quiet machine: the probes of the slower count, about 10 steps at ~1.4x
 Thread count does change floating-point reduction order: the exercise net's gradients with 1 and 2
 threads differ in the last bits (tests/test_threads.py). So adaptive threads trade bitwise
 reproducibility across runs for speed; it is the command line's default for CPU training without
-``--threads``, and off when ``--threads N`` is given (a fixed count is bitwise reproducible) and in the
-library's ``train()`` unless asked for.
+``--threads`` (measured: bench/results/contention*.txt), and off when ``--threads N`` or
+``--no-adaptive-threads`` is given (a fixed count is bitwise reproducible) and in the library's ``train()``
+unless asked for.
 """
 from __future__ import annotations
 
@@ -48,7 +50,8 @@ class AdaptiveThreads:
     def __init__(self, max_threads: int, set_threads: Callable[[int], None] | None = None,
                  clock: Callable[[], float] = time.perf_counter, log: Callable[[str], None] | None = None,
                  warmup: int = 5, settle: int = 2, probe: int = 8, window: int = 30, jump: float = 1.3,
-                 margin: float = 0.05, recheck: int = 400, max_recheck: int = 3200):
+                 margin: float = 0.05, recheck: int = 400, max_recheck: int = 3200, early: int = 3,
+                 abandon: float = 1.5):
         if set_threads is None:
             import torch
 
@@ -57,8 +60,12 @@ class AdaptiveThreads:
         self._set, self.clock, self.log = set_threads, clock, log or (lambda message: None)
         self.warmup, self.settle, self.probe, self.window = warmup, settle, probe, window
         self.jump, self.margin, self.base_recheck, self.max_recheck = jump, margin, recheck, max_recheck
+        self.early, self.abandon = min(early, probe), abandon
         self.recheck = recheck
-        self.threads = self.candidates[0]
+        # Warm-up steps run at one thread: under load a many-thread step can take 20x longer (measured with
+        # two busy loops on 2 cores: 17.5 s per 1,000 images at 2 threads vs 1.3 at 1), on a quiet machine
+        # five slower steps cost ~0.05 s.
+        self.threads = self.candidates[-1]
         self.best: dict[int, float] = {}   # best (lowest) window median of seconds per image seen per count
         self.steps = 0                      # steps observed
         self.switches = 0
@@ -92,7 +99,9 @@ class AdaptiveThreads:
         if self._probing is not None:
             self._probe_step(per_image)
         elif not self.best:
-            self._start_probe(list(self.candidates), keep=None)  # the first measurement of every count
+            # the first measurement of every count, fewest threads first: under load the slow counts
+            # (the many-thread ones) are then recognized early against a fast reference
+            self._start_probe(list(reversed(self.candidates)), keep=None)
         else:
             self._run_step(per_image)
         # (the last timestamp is taken after any switch: its cost lands in the discarded settle steps)
@@ -120,7 +129,8 @@ class AdaptiveThreads:
         """Time each of ``counts`` for ``probe`` steps; ``keep``: the current count's recent median."""
         self._probe_results = {} if keep is None else {self.threads: keep}
         self._queue = [n for n in counts if n not in self._probe_results]
-        self._origin = self.threads
+        # the first probe decides against the default (all cores), whatever count warmed up
+        self._origin = self.threads if keep is not None else self.candidates[0]
         self._next_probe()
 
     def _next_probe(self) -> None:
@@ -134,10 +144,17 @@ class AdaptiveThreads:
 
     def _probe_step(self, per_image: float) -> None:
         self._probe_times.append(per_image)
-        if len(self._probe_times) >= self.probe:
-            median = statistics.median(self._probe_times)
-            self._probe_results[self._probing] = median
-            self.best[self._probing] = min(self.best.get(self._probing, median), median)
+        done = len(self._probe_times) >= self.probe
+        if not done and len(self._probe_times) == self.early and self._probe_results:
+            done = statistics.fmean(self._probe_times) > self.abandon * min(self._probe_results.values())
+        if done:
+            # The mean, not the median: throughput is total images / total time, and under load the cost of
+            # many threads is in the stalls (a step whose barrier waits for a descheduled thread), which a
+            # median hides: with two busy loops a median said 2 threads beat 1, and the run then went at
+            # 60% of one thread's speed.
+            mean = statistics.fmean(self._probe_times)
+            self._probe_results[self._probing] = mean
+            self.best[self._probing] = min(self.best.get(self._probing, mean), mean)
             self._next_probe()
 
     def _finish_probe(self) -> None:

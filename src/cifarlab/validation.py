@@ -412,6 +412,8 @@ def check_results(results, source, error=ValidationError) -> dict:
         c.str("architecture", results["architecture"])
     if results.get("tta") is not None:
         c.int("tta", results["tta"], 0, 2)
+    if results.get("tta_below") is not None:
+        c.number("tta_below", results["tta_below"], 0.0, 1.0)
     if results.get("epoch") is not None:
         c.int("epoch", results["epoch"], 0, MAX_EPOCHS)
     if results.get("weights_sha256") is not None:

@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .args import add_data_args, add_tta_argument, bounded_int, load_data
+from .args import add_data_args, add_tta_argument, bounded_float, bounded_int, load_data
 
 
 def register(sub) -> None:
@@ -15,6 +15,9 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable results")
     p.add_argument("--model", help="fail unless the checkpoint holds this architecture")
     add_tta_argument(p, "(default: as the checkpoint's recipe says)")
+    p.add_argument("--tta-below", type=bounded_float(0.0, 1.0), metavar="P",
+                   help="selective TTA: augment only the images whose top class probability is below P "
+                        "(one plain pass for all; faster, accuracy measured in the README)")
     p.add_argument("--seed", type=bounded_int(0, 2 ** 32 - 1), default=0, help="for the random gallery")
     p.add_argument("--device")
     p.add_argument("--on", action="append", default=[], metavar="SPEC",
@@ -42,7 +45,7 @@ def run(args) -> int:
     out = Path(args.out) if args.out else (source if source.is_dir() else source.parent) / "eval"
     shifted = [load_dataset(spec, download=not args.no_download, progress=not args.json) for spec in args.on]
     ev, files = pipeline.evaluate_to_folder(ckpt, data, out, seed=args.seed, tta=args.tta, device=args.device,
-                                            shifted=shifted)
+                                            shifted=shifted, tta_below=args.tta_below)
     results = json.loads(Path(files["results"]).read_text())
     if args.json:
         print(json.dumps(dict(results, files=files), indent=2))

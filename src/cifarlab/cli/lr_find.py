@@ -13,15 +13,16 @@ def register(sub) -> None:
                        description="Trains the recipe's model with its own optimizer for --steps steps while the "
                                    "learning rate grows exponentially from --start-lr to --end-lr, stops when the "
                                    "smoothed loss passes 4x its best, puts the weights back, and writes "
-                                   "lr_find.png and lr_find.json. Suggested lr: the steepest descent of the "
-                                   "smoothed loss (the min-loss lr / 10 is shown too).")
+                                   "lr_find.png and lr_find.json. Suggested lr: the lr at the smoothed loss's "
+                                   "minimum / 10 (the steepest descent is shown too).")
     from ..recipes import PRESETS
 
     g = p.add_argument_group("recipe (defaults come from --preset; --lr is ignored: the test sweeps it)")
     g.add_argument("--preset", default="exercise", choices=sorted(PRESETS), help="recipe preset (default: exercise)")
     add_recipe_args(g)
     t = p.add_argument_group("range test")
-    t.add_argument("--steps", type=bounded_int(3, 100_000), default=100, help="at most this many steps (default: 100)")
+    t.add_argument("--steps", type=bounded_int(3, 100_000),
+                   help="at most this many steps (default: 12,800 images' worth, at least 100: 400 at batch 32)")
     t.add_argument("--start-lr", type=bounded_float(1e-12, 100.0), default=1e-7, help="default: 1e-7")
     t.add_argument("--end-lr", type=bounded_float(1e-12, 1000.0), default=10.0, help="default: 10")
     t.add_argument("--out", help="folder for lr_find.png and lr_find.json (default: RUNS_DIR/lr-find-PRESET-TIME)")
@@ -53,7 +54,7 @@ def lr_find_command(args) -> int:
     out = Path(args.out) if args.out else Path(args.runs_dir) / f"lr-find-{args.preset}-{stamp}"
     files = finder.save(result, out)
     print(json.dumps({"suggested_lr": result.suggestion, "rule": result.rule, "min_loss_lr": result.min_loss_lr,
-                      "min_loss_lr_div10": result.min_loss_lr / 10, "steps_run": len(result.lrs),
+                      "steepest_lr": result.steepest_lr, "steps_run": len(result.lrs),
                       "stopped_early": result.stopped_early}, indent=1))
     print(f"plot: {files['png']}\nnumbers: {files['json']}")
     print(f"train with it: cifarlab train --preset {args.preset} --lr {result.suggestion:.3g} ...")

@@ -48,11 +48,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="bf16 or fp16 autocast (fp16 with a gradient scaler), or fp32 (default auto: bf16 on "
                         "CUDA compute capability >= 8.0 and on CPUs with native bf16, fp16 on older GPUs, else fp32)")
-    r.add_argument("--threads", type=bounded_int(1, 1024), help="CPU threads (default: all cores)")
-    r.add_argument("--adaptive-threads", action="store_true",
-                   help="CPU: re-time the thread count as the run goes and use fewer threads when other processes "
-                        "compete for the cores (results then vary in the last bits; not yet benchmarked, so off by "
-                        "default)")
+    r.add_argument("--threads", type=bounded_int(1, 1024),
+                   help="a fixed count of CPU threads: bitwise-repeatable runs (default: adaptive, up to all cores)")
+    r.add_argument("--adaptive-threads", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU, without --threads: time the thread counts as the run goes and use fewer threads when "
+                        "other processes compete for the cores (default: on; results then vary in the last bits)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars (off anyway when stderr is "
                                                                "not a terminal)")
     r.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files")
@@ -186,6 +186,10 @@ def resume_command(args, name: str) -> str:
         parts += ["--checkpoint-every", str(args.checkpoint_every)]
     if args.precision != "auto":
         parts += ["--precision", args.precision]
+    if args.threads:  # a fixed count keeps the resumed run bitwise equal to an uninterrupted one
+        parts += ["--threads", str(args.threads)]
+    elif not args.adaptive_threads:
+        parts += ["--no-adaptive-threads"]
     return shlex.join(parts + ["--resume"])
 
 
