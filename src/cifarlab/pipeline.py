@@ -43,7 +43,8 @@ def evaluate_to_folder(ckpt: Checkpoint, data: Dataset, out_dir: str | Path, see
     ev = evaluate_model(model, data.test.images, data.test.labels, data.classes, normalization, tta=tta, device=device,
                         tta_below=tta_below)
     results = dict(ev.to_dict(), checkpoint=str(ckpt.path), architecture=ckpt.meta["architecture"]["name"],
-                   tta=tta, tta_below=tta_below, epoch=ckpt.meta.get("epoch"), weights_sha256=ckpt.meta.get("weights_sha256"))
+                   tta=tta, tta_below=tta_below, epoch=ckpt.meta.get("epoch"),
+                   weights_sha256=ckpt.meta.get("weights_sha256"))
     rng = np.random.default_rng(seed)
     random_idx = rng.choice(len(ev.labels), size=min(gallery_size, len(ev.labels)), replace=False)
     worst_idx = ev.worst_mistakes(gallery_size)

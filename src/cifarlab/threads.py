@@ -9,8 +9,9 @@ at 36% of its quiet rate with 2 threads, while one thread was not slowed down at
 
 1. after a few warm-up steps (at one thread) it times every count of the ladder (1, 2, ..., all cores)
    for a few steps each (the mean time per image, so stalls count; the first steps after a switch are
-   discarded) and keeps the fastest; more threads win ties within ``margin``. A count whose first ``early`` steps are already ``abandon`` x slower than the best
-   count timed so far is dropped at once: under load the slow count costs 3 steps, not 8;
+   discarded) and keeps the fastest; more threads win ties within ``margin``. A count whose first
+   ``early`` steps are already ``abandon`` x slower than the best count timed so far is dropped at once:
+   under load the slow count costs 3 steps, not 8;
 2. it then watches the median time per image over a window of steps. A median above ``jump`` x the best
    seen at this count (something started running) triggers a re-probe of the neighbouring counts;
 3. every ``recheck`` steps it re-probes the neighbours anyway (the competitor may have stopped: one
