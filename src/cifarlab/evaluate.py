@@ -74,10 +74,12 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, normalization: 
     return torch.cat(outputs) if outputs else torch.empty(0, _num_outputs(model))
 
 
-def _tta_logits(model: torch.nn.Module, x: torch.Tensor, level: int) -> torch.Tensor:
+def _tta_logits(model: torch.nn.Module, x: torch.Tensor, level: int, plain: torch.Tensor | None = None) -> torch.Tensor:
+    """``plain``: ``model(x)`` if already computed (selective TTA), so it is not computed twice."""
+    plain = model(x).float() if plain is None else plain
     if level <= 0:
-        return model(x).float()
-    mirrored = 0.5 * (model(x).float() + model(x.flip(3)).float())
+        return plain
+    mirrored = 0.5 * (plain + model(x.flip(3)).float())
     if level == 1:
         return mirrored
     padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
@@ -93,7 +95,7 @@ def _selective_tta_logits(model: torch.nn.Module, x: torch.Tensor, level: int, b
         return logits
     unsure = torch.softmax(logits, 1).amax(1) < below
     if bool(unsure.any()):
-        logits[unsure] = _tta_logits(model, x[unsure], level)
+        logits[unsure] = _tta_logits(model, x[unsure], level, plain=logits[unsure])
     return logits
 
 
