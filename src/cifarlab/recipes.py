@@ -62,6 +62,15 @@ class Recipe:
     seed: int = option(0, bounds=(0, 2 ** 63 - 1))
     val_split: int = option(0, "hold out N training images for validation (default: validate on the test set)",
                             bounds=(0, 10_000_000))
+    # The training doctor (each off by default; each a callback in cifarlab.training.callbacks).
+    ema: float = option(0.0, "keep an exponential moving average of the weights with this decay (e.g. 0.999); "
+                        "validation and the final model use the averaged weights (0: off)", bounds=(0.0, 0.99999))
+    early_stop: int = option(0, "stop when validation accuracy has not improved for N epochs, and keep the best "
+                             "epoch's weights either way (0: off; needs --val-split)", bounds=(0, 10_000))
+    mixup: float = option(0.0, "MixUp: blend pairs of training images and their labels, Beta(a, a) weights "
+                          "(a = this; 0: off)", bounds=(0.0, 10.0))
+    cutmix: float = option(0.0, "CutMix: paste a box of another training image, labels by area, Beta(a, a) "
+                           "(0: off; with --mixup, each batch uses one of the two)", bounds=(0.0, 10.0))
 
     def __post_init__(self):
         if isinstance(self.tta, bool):  # older recipes stored a bool: True means level 1 (flip)
@@ -78,6 +87,9 @@ class Recipe:
         defaults = {f.name: f.default for f in fields(self)}
         if self.optimizer != "muon" and any(getattr(self, k) != defaults[k] for k in ("muon_lr", "muon_momentum")):
             raise ValueError("muon_lr and muon_momentum apply to the muon optimizer only")
+        if self.early_stop and not self.val_split:
+            raise ValueError("early_stop needs val_split > 0: stopping on the test set would tune the run on the "
+                             "images it is judged on")
         if self.whiten_bias_epochs and not has_layer_type(decl, "whiten"):
             raise ValueError(f"whiten_bias_epochs needs a model with a whitening layer; {decl['name']!r} has none")
         return self
