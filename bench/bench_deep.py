@@ -1,7 +1,7 @@
 """Seconds per epoch of the deeper nets (resnet18, airbench96) on this machine, and a shortened training.
 
 Per-epoch time is estimated from --steps timed training steps after --warmup untimed ones, each step
-what cifarlab's trainer does (cifarlab.train._Run._step): a batch of real CIFAR-10 images normalized and
+what cifarlab's trainer does (cifarlab.train.Trainer.train_step): a batch of real CIFAR-10 images normalized and
 augmented as the recipe says, channels-last on CPU, forward under the precision context (``auto``: bf16
 autocast on CPUs with native bf16, as the trainer picks), cross-entropy with the recipe's label
 smoothing, backward, the recipe's optimizer step. Seconds per epoch = median seconds per step x steps

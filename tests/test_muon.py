@@ -69,7 +69,7 @@ def test_muon_groups_follow_airbench94_muon():
 
 def test_whitening_bias_lr_falls_to_zero_over_its_epochs():
     """airbench94_muon: whitening-bias lr = peak x (1 - step / (3 epochs of steps)); the rest: peak x (1 - t)."""
-    from cifarlab.train import _set_lr
+    from cifarlab.train import set_lr
 
     recipe = recipe_from("airbench94-muon")
     model = Net(get_declaration(recipe.model))
@@ -82,7 +82,7 @@ def test_whitening_bias_lr_falls_to_zero_over_its_epochs():
     spe, total = 25, 200
     for step in (0, 30, 74, 75, 150):
         factor = 1 - step / total  # the linear schedule's
-        _set_lr(opt, recipe.lr * factor, step / total)
+        set_lr(opt, recipe.lr * factor, step / total)
         assert whiten["lr"] == pytest.approx(0.053 * 2000 * max(0.0, 1 - step / 75))
         assert others[-1]["lr"] == pytest.approx(0.053 * 2000 * factor)
     with pytest.raises(ValueError, match="whiten_bias_decay"):

@@ -1,6 +1,7 @@
 """report.html: built at the end of ``cifarlab run``, self-contained, and rendered by a real browser."""
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -9,9 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from cifarlab import cli, explain, report, visualize
+from cifarlab import checkpoints, cli, explain, report, visualize
 from cifarlab.cli import train as cli_train
 from cifarlab.data import CIFAR10
+from cifarlab.doctor import diagnose
+from cifarlab.models import build_model
+from cifarlab.transforms import Normalization
 
 SECTION_IDS = [sid for sid, _ in report.SECTIONS]
 NEW_SECTIONS = ["quality", "calibration", "shift", "explanations", "examples"]  # issue 12
@@ -97,6 +101,49 @@ def test_report_errors(tmp_path, capsys):
     assert "not a run folder" in capsys.readouterr().err
     with pytest.raises(report.ReportError):
         report.build_report(tmp_path / "missing")
+
+
+# Validation accuracy peaks at epoch 5 and falls while training accuracy climbs: over-fitting.
+OVERFIT_HISTORY = [{"epoch": i + 1, "train_loss": tl, "train_acc": ta, "val_loss": vl, "val_acc": va, "lr": 0.01,
+                    "seconds": 1.0, "images_per_s": 1000.0}
+                   for i, (ta, va, tl, vl) in enumerate(zip([.60, .75, .85, .92, .96, .971],
+                                                            [.58, .70, .76, .80, .804, .788],
+                                                            [1.1, .7, .45, .25, .12, .08],
+                                                            [1.2, .85, .7, .62, .68, .8]))]
+
+
+def test_report_diagnoses_the_training_curves(tmp_path):
+    """A real checkpoint (untrained weights, no training: the section only reads the meta) whose history over-fits."""
+    model = build_model("exercise")
+    classes = [f"c{i}" for i in range(10)]
+    meta = {"architecture": model.declaration, "classes": classes, "epoch": 6, "val_source": "test set",
+            "normalization": Normalization.named("exercise").to_dict(), "history": OVERFIT_HISTORY,
+            "val_size": 10_000}
+    ckpt = checkpoints.load_checkpoint(checkpoints.save_checkpoint(tmp_path / "ckpt", model, meta))
+    results = {"accuracy": .79, "loss": .8, "num_images": 10_000, "classes": classes,
+               "per_class_accuracy": dict.fromkeys(classes, .79)}
+    page = "".join(report._numbers_sections(tmp_path, ckpt, results, None))
+    assert page.index('<section id="curves">') < page.index('<section id="diagnosis">') < page.index(
+        '<section id="confusion">')
+    section = re.search(r'<section id="diagnosis">.*?</section>', page).group(0)
+    findings = diagnose(OVERFIT_HISTORY, 10_000, "test set")
+    assert [f.kind for f in findings] == ["overfitting"]
+    assert html.escape(findings[0].text) in section and "97.10%" in section and "Over-fitting" in section
+    # the trainer's stored diagnosis wins, and its text is escaped like every other
+    ckpt.meta["diagnosis"] = [{"kind": "overfitting", "text": "<img src=x onerror=alert(1)>", "numbers": {}}]
+    section = report._diagnosis_section(ckpt)
+    assert "&lt;img src=x onerror=alert(1)&gt;" in section and "<img" not in section
+    # without the validation set's size the 2-standard-error rule cannot be applied: a one-line note
+    del ckpt.meta["diagnosis"], ckpt.meta["val_size"]
+    section = report._diagnosis_section(ckpt)
+    assert "not diagnosed" in section and "Over-fitting" not in section
+
+
+def test_section_intros_are_escaped():
+    """Intros carry values read from files (the validation source, results.json, summary.json)."""
+    section = report._section("curves", "<p>body</p>", 'validation on the <script>x</script> & "more"')
+    assert "<script" not in section and "&lt;script&gt;x&lt;/script&gt; &amp; &quot;more&quot;" in section
+    assert "<p>body</p>" in section  # the body is HTML built by the report itself
 
 
 def _chrome(profile: Path):

@@ -127,11 +127,11 @@ def test_onecycle_starts_and_ends_at_the_given_fractions():
 
 def test_sgd_groups_scale_batchnorm_lr_and_keep_the_decay_per_step():
     from cifarlab.models import build_model
-    from cifarlab.train import _set_lr, make_optimizer
+    from cifarlab.train import set_lr, make_optimizer
 
     model = build_model("airbench94")
     opt = make_optimizer(recipe_from("airbench94"), model)
-    _set_lr(opt, 0.5)
+    set_lr(opt, 0.5)
     by_scale = {g["lr_scale"]: g for g in opt.param_groups}
     bn = by_scale[64.0]
     assert bn["lr"] == 32.0 and all(p.ndim == 1 for p in bn["params"])

@@ -94,7 +94,7 @@ def lr_find(recipe: Recipe, data: Dataset, model: torch.nn.Module | None = None,
             diverge: float = 4.0, precision: str = "auto", channels_last: bool | None = None,
             log=print) -> LRFinderResult:
     """Run the range test with ``recipe`` (its model unless ``model`` is given) on ``data``'s training set."""
-    from .train import _Run, _set_lr, epoch_order, make_optimizer, resolve_precision
+    from .train import make_optimizer, prepare, resolve_precision, set_lr
 
     recipe.validate()
     steps = default_steps(recipe.batch_size) if steps is None else steps
@@ -103,30 +103,30 @@ def lr_find(recipe: Recipe, data: Dataset, model: torch.nn.Module | None = None,
         channels_last = device.type == "cpu"
     lrs = lr_schedule(start_lr, end_lr, steps)
     saved_rng = torch.get_rng_state()  # (building the recipe's model seeds the RNG)
-    run = _Run(recipe, data, Path("."), device, channels_last, resolve_precision(precision, device), 0,
-               lambda *a, **k: None)
+    # The recipe's trainer with no callbacks: no lookahead (the range test measures the optimizer alone),
+    # no checkpoints, no folder.
+    trainer = prepare(recipe, data, device, resolve_precision(precision, device), channels_last)
     if model is not None:
         model.to(device)
         if channels_last:
             model.to(memory_format=torch.channels_last)
-        run.model = run.train_model = model
-        run.optimizer = make_optimizer(recipe, model)
-    run.lookahead = None  # the range test measures the optimizer alone
-    saved_weights = copy.deepcopy(run.model.state_dict())
+        trainer.model = trainer.train_model = model
+        trainer.optimizer = make_optimizer(recipe, model)
+    saved_weights = copy.deepcopy(trainer.model.state_dict())
     torch.manual_seed(recipe.seed)  # the same dropout and augmentation draws on every call
     losses: list[float] = []
     stopped_early = False
     best = math.inf
-    was_training = run.model.training
-    run.model.train()
+    was_training = trainer.model.training
+    trainer.model.train()
     try:
         for i, lr in enumerate(lrs):
-            epoch, step = divmod(i, run.spe)
+            epoch, step = divmod(i, trainer.spe)
             if step == 0:
-                order = epoch_order(recipe.seed, epoch, run.n).to(device)
-            x, y = run._batch(order, None, step)
-            _set_lr(run.optimizer, lr)
-            loss, _ = run._step(x, y, i + 1)
+                order = trainer.order(epoch)
+            x, y = trainer.make_batch(order, None, step)
+            set_lr(trainer.optimizer, lr)
+            loss, _ = trainer.train_step(x, y)
             value = loss.item()
             losses.append(value)
             current = smooth(losses, beta)[-1]
@@ -135,8 +135,8 @@ def lr_find(recipe: Recipe, data: Dataset, model: torch.nn.Module | None = None,
                 stopped_early = i < steps - 1
                 break
     finally:
-        run.model.load_state_dict(saved_weights)  # the test trains nothing
-        run.model.train(was_training)
+        trainer.model.load_state_dict(saved_weights)  # the test trains nothing
+        trainer.model.train(was_training)
         torch.set_rng_state(saved_rng)
     tested = lrs[:len(losses)]
     finite = [(lr, v) for lr, v in zip(tested, losses) if math.isfinite(v)]
@@ -147,10 +147,10 @@ def lr_find(recipe: Recipe, data: Dataset, model: torch.nn.Module | None = None,
     steepest, lowest = suggest(tested, smoothed)
     result = LRFinderResult(lrs=tested, losses=values, smoothed=smoothed, suggestion=lowest / 10, steepest_lr=steepest,
                             min_loss_lr=lowest, stopped_early=stopped_early,
-                            meta={"model": run.model.declaration["name"] if hasattr(run.model, "declaration")
-                                  else type(run.model).__name__, "optimizer": recipe.optimizer,
+                            meta={"model": trainer.model.declaration["name"] if hasattr(trainer.model, "declaration")
+                                  else type(trainer.model).__name__, "optimizer": recipe.optimizer,
                                   "batch_size": recipe.batch_size, "start_lr": start_lr, "end_lr": end_lr,
-                                  "steps": steps, "beta": beta, "diverge": diverge, "precision": run.precision,
+                                  "steps": steps, "beta": beta, "diverge": diverge, "precision": trainer.precision,
                                   "recipe": asdict(recipe)})
     log(f"lr-find: {len(losses)} of {steps} steps{' (stopped: the loss diverged)' if stopped_early else ''}; "
         f"suggested lr {lowest / 10:.3g} (min-loss lr {lowest:.3g} / 10); steepest descent at {steepest:.3g}")

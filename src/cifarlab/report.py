@@ -1,10 +1,11 @@
 """One self-contained HTML report per run: ``RUN/report.html``.
 
 Everything a reader needs to judge a run on one page, readable offline: the model summary, the recipe,
-the final numbers, training curves, confusion matrix, per-class accuracy, prediction gallery, worst
-mistakes, maximum stimuli per layer, class stimuli with the net's probabilities, first-layer filters,
-activation maps, saliency and Grad-CAM. Images are inlined as base64 PNG data URIs, there is no script
-and no external resource, so the file can be mailed or archived alone.
+the final numbers, training curves and their diagnosis (:mod:`cifarlab.doctor`), confusion matrix,
+per-class accuracy, prediction gallery, worst mistakes, maximum stimuli per layer, class stimuli with the
+net's probabilities, first-layer filters, activation maps, saliency and Grad-CAM. Images are inlined as
+base64 PNG data URIs, there is no script and no external resource, so the file can be mailed or archived
+alone.
 
 Inputs come from the run folder where they exist (``eval/results.json`` and its PNGs from
 :func:`cifarlab.pipeline.evaluate_to_folder`, ``training_curves.png``) and are computed where they do
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 from . import plots
+from .doctor import diagnose
 from .errors import ReportError
 from .evaluate import TTA_LEVELS, tta_level
 from .fsutil import atomic_write_text
@@ -26,6 +28,7 @@ from .models import summary
 
 SECTIONS = [
     ("overview", "Overview"), ("results", "Final numbers"), ("curves", "Training curves"),
+    ("diagnosis", "Diagnosis of the training curves"),
     ("confusion", "Confusion matrix"), ("per-class", "Per-class accuracy"), ("quality", "Per-class quality"),
     ("calibration", "Calibration"), ("shift", "Distribution shift"), ("gallery", "Predictions"),
     ("mistakes", "Worst mistakes"), ("stimuli", "Maximum stimuli per layer"), ("classes", "Class stimuli"),
@@ -109,6 +112,28 @@ def _curves(run_dir: Path, ckpt) -> Path | None:
     return plots.training_curves(history, path, val_source=ckpt.meta.get("val_source", "validation"))
 
 
+def _diagnosis(ckpt) -> tuple[list[str], str]:
+    """(finding texts, where they come from): the trainer's stored diagnosis, else one computed from the
+    checkpoint's history; no texts and a reason when neither is possible. Meta values are checked, not
+    trusted: a checkpoint is a file anyone can hand over."""
+    meta = ckpt.meta
+    stored = meta.get("diagnosis")
+    texts = ([f["text"] for f in stored if isinstance(f, dict) and isinstance(f.get("text"), str)]
+             if isinstance(stored, list) else [])
+    if texts:
+        return texts, "Stored by the trainer with the final checkpoint."
+    if not meta.get("history"):
+        return [], "The checkpoint stores no training history: nothing to diagnose."
+    val_size = meta.get("val_size")
+    if isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < 1:
+        return [], ("The checkpoint does not store the number of validation images, which the 2-standard-error "
+                    "rule needs: not diagnosed.")
+    recipe = meta.get("recipe") or {}
+    findings = diagnose(meta["history"], val_size, str(meta.get("val_source", "validation")),
+                        mixed_batches=bool(recipe.get("mixup") or recipe.get("cutmix")))
+    return [f.text for f in findings], "Computed from the history stored in the checkpoint."
+
+
 # ---------------------------------------------------------------------------------------------------
 # HTML pieces
 
@@ -134,9 +159,21 @@ def _table(header: list[str] | None, rows: list[list], numeric_from: int = 1) ->
 
 
 def _section(sid: str, body: str, intro: str = "") -> str:
+    """``body`` is HTML; ``intro`` is plain text, escaped here (it carries values read from files)."""
     title = dict(SECTIONS)[sid]
-    intro_html = f'<p class="intro">{intro}</p>' if intro else ""
+    intro_html = f'<p class="intro">{_esc(intro)}</p>' if intro else ""
     return f'<section id="{sid}"><h2>{_esc(title)}</h2>{intro_html}{body}</section>'
+
+
+def _diagnosis_section(ckpt) -> str:
+    texts, source = _diagnosis(ckpt)
+    if not texts:
+        return _section("diagnosis", f'<p class="missing">{_esc(source)}</p>')
+    body = "<ul>" + "".join(f"<li>{_esc(t)}</li>" for t in texts) + "</ul>"
+    return _section("diagnosis", body,
+                    "The training doctor: each statement is made only when the difference exceeds 2 binomial "
+                    "standard errors of the validation accuracy, 2 sqrt(p(1-p)/n) with n the validation images "
+                    f"(rules: cifarlab.doctor). {source}")
 
 
 def _pct(v) -> str:
@@ -195,7 +232,8 @@ def _probability_table(probs: dict[str, dict[str, float]]) -> str:
 
 
 def _numbers_sections(run_dir: Path, ckpt, results: dict, curves) -> list[str]:
-    """Overview, final numbers, curves, confusion matrix, per-class accuracy, gallery, mistakes."""
+    """Overview, final numbers, curves and their diagnosis, confusion matrix, per-class accuracy, gallery,
+    mistakes."""
     eval_dir = run_dir / "eval"
     val_source = ckpt.meta.get("val_source", "validation set")
     dataset = ckpt.meta.get("dataset") or {"spec": "cifar10"}
@@ -220,7 +258,8 @@ def _numbers_sections(run_dir: Path, ckpt, results: dict, curves) -> list[str]:
         _section("overview", _cards(results, ckpt) + overview),
         _section("results", numbers),
         _section("curves", _img(curves, "training curves"),
-                 f"Loss and accuracy per epoch; validation on the {_esc(val_source)}."),
+                 f"Loss and accuracy per epoch; validation on the {val_source}."),
+        _diagnosis_section(ckpt),
         _section("confusion", _img(eval_dir / "confusion_matrix.png", "confusion matrix")
                  + ("<h3>Most confused pairs</h3>" + _table(["true", "predicted as", "test images"], confused, 2)
                     if confused else "")),
@@ -270,12 +309,12 @@ def _calibration_section(eval_dir: Path, results: dict) -> str:
         header.append(f"after (T = {cal['temperature']:.3f})")
     rows = [[label] + [fmt(before[key])] + ([fmt(after[key])] if after else []) for label, key, fmt in metrics]
     if after:
-        where = (f"The temperature T = {cal['temperature']:.3f} was fitted on {_esc(cal.get('fitted_on'))} "
+        where = (f"The temperature T = {cal['temperature']:.3f} was fitted on {cal.get('fitted_on')} "
                  "(the run's --val-split hold-out, never the test set) by minimizing their NLL; dividing the "
                  "logits by T leaves every prediction, so the accuracy, unchanged.")
     else:
-        where = ("This checkpoint stores no temperature: train with --val-split N, or run "
-                 "<code>cifarlab calibrate RUN</code> on a run that has one, to fit it on held-out training images.")
+        where = ("This checkpoint stores no temperature: train with --val-split N, or run cifarlab calibrate RUN "
+                 "on a run that has one, to fit it on held-out training images.")
     intro = (f"Are the probabilities honest? ECE: the confidences (maximum probability) in {cal['n_bins']} "
              "equal-width bins, the mean |accuracy - confidence| weighted by bin size (Guo et al. 2017). "
              "Brier: the squared distance of the probability vector to the one-hot label, summed over classes "
@@ -323,7 +362,7 @@ def _visual_sections(vis) -> list[str]:
         _section("stimuli", stimuli,
                  f"For every channel of every conv layer and residual block (after its activation), the input "
                  f"found by gradient "
-                 f"ascent ({_esc(vis.method)} method) that maximizes the channel's mean activation; all channels "
+                 f"ascent ({vis.method} method) that maximizes the channel's mean activation; all channels "
                  f"of a layer optimized as one batch, {seconds:.1f} s for all layers and classes."),
         _section("classes", classes + _probability_table(vis.class_probabilities), CLASS_INTRO),
         _section("filters", _img(files.get("filters"), "first-layer filters")),

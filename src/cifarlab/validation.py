@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -319,6 +320,14 @@ def check_meta(meta, source, error=ValidationError, expected_format: str | None 
             c.str(key, meta[key])
     if meta.get("train_seconds") is not None:
         c.number("train_seconds", meta["train_seconds"], 0.0)
+    if meta.get("val_size") is not None:
+        c.int("val_size", meta["val_size"], 0, 1 << 40)
+    if meta.get("early_stopping") is not None:
+        c.dict("early_stopping", meta["early_stopping"])
+    if meta.get("diagnosis") is not None:  # the training doctor's findings: shown in the report as text
+        for i, finding in enumerate(c.list("diagnosis", meta["diagnosis"], 100)):
+            c.dict(f"diagnosis[{i}]", finding)
+            c.str(f"diagnosis[{i}].text", finding.get("text"), max_len=4000)
     if meta.get("calibration") is not None:  # temperature scaling: predict/export divide logits by it
         c.dict("calibration", meta["calibration"])
         if meta["calibration"].get("temperature") is not None:
@@ -326,6 +335,7 @@ def check_meta(meta, source, error=ValidationError, expected_format: str | None 
     return dict(meta, normalization=normalization) if normalization != meta["normalization"] else meta
 
 
+CALLBACK_KEY = re.compile(r"[a-z][a-z0-9_]{0,39}")
 PARTIAL_KEYS = {"loss_sum": (0.0, math.inf), "correct": (0, MAX_STEPS * 65_536), "seen": (0, MAX_STEPS * 65_536),
                 "seconds": (0.0, math.inf)}
 
@@ -371,11 +381,18 @@ def check_train_state(state, tensors: dict, source, error=ValidationError) -> di
         if t.dtype != torch.uint8 or t.ndim != 1 or t.numel() != size:
             raise error(f"{source}: tensor {key!r} must be a uint8 vector of {size} values (a CPU RNG state), not "
                         f"{str(t.dtype).replace('torch.', '')} {tuple(t.shape)}.")
+    # Other tensors: the optimizer's ("PARAM_ID.SLOT") and each stateful callback's ("KEY.NAME", e.g.
+    # "lookahead.conv1.weight", "ema.w.conv1.weight"); a callback checks its own values when it loads them.
+    callbacks = c.dict("callbacks", state.get("callbacks", {}))
+    for key, values in callbacks.items():
+        if not CALLBACK_KEY.fullmatch(str(key)):
+            c.fail(f"callbacks.{short_repr(key, 40)}", "is not a callback name")
+        c.dict(f"callbacks.{key}", values)
     for key in tensors:
-        if key.startswith("rng.") or key.startswith("lookahead."):
+        if key.startswith("rng."):
             continue
-        pid, _, name = key.partition(".")
-        if not pid.isdigit() or not name:
+        prefix, _, name = key.partition(".")
+        if not name or not (prefix.isdigit() or CALLBACK_KEY.fullmatch(prefix)):
             raise error(f"{source}: unexpected tensor {short_repr(key, 60)} in the training state.")
     return state
 

@@ -9,10 +9,12 @@ import argparse
 import sys
 
 from ..errors import CifarlabError
-from . import calibrate, evaluate, export, import_keras, info, lr_find, predict, report, train, visualize
+from . import (augment_preview, calibrate, evaluate, export, import_keras, info, lr_find, predict, report, train,
+               visualize)
 from .args import EXIT_ERROR, EXIT_INTERRUPTED
 
-COMMANDS = [train, evaluate, calibrate, visualize, report, predict, export, import_keras, info, lr_find]
+COMMANDS = [train, evaluate, calibrate, visualize, report, predict, export, import_keras, info, lr_find,
+            augment_preview]
 
 
 def build_parser() -> argparse.ArgumentParser:

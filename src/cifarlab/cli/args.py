@@ -122,3 +122,41 @@ def recipe_from_args(args, preset: str | None = None):
 
     return recipe_from(preset or args.preset or "exercise",
                        **{f.name: getattr(args, f.name, None) for f in fields(Recipe)})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Run options, from the RunOptions fields
+
+
+def add_run_args(g) -> None:
+    """One option per :class:`~cifarlab.train.RunOptions` field (its help, bounds, choices, CLI default)."""
+    from ..train import RunOptions
+
+    for f in fields(RunOptions):
+        meta = f.metadata
+        help_text = argparse.SUPPRESS if meta["hidden"] else meta["help"] or None
+        if meta["negative"]:  # on by default: only the --no-... flag exists
+            g.add_argument(meta["negative"], action="store_true", help=help_text)
+        elif f.name == "resume":
+            g.add_argument("--resume", action="store_true", help=help_text)
+        elif isinstance(meta["cli_default"], bool) or f.name == "channels_last":
+            g.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction,
+                           default=meta["cli_default"], help=help_text)
+        elif meta["choices"]:
+            g.add_argument("--" + f.name.replace("_", "-"), choices=meta["choices"], default=meta["cli_default"],
+                           help=help_text)
+        elif meta["bounds"]:
+            g.add_argument("--" + f.name.replace("_", "-"), type=bounded_int(*meta["bounds"]),
+                           default=meta["cli_default"], help=help_text)
+        else:
+            g.add_argument("--" + f.name.replace("_", "-"), default=meta["cli_default"], help=help_text)
+
+
+def run_options_from_args(args):
+    from ..train import RunOptions
+
+    values = {}
+    for f in fields(RunOptions):
+        negative = f.metadata["negative"]
+        values[f.name] = not getattr(args, negative[2:].replace("-", "_")) if negative else getattr(args, f.name)
+    return RunOptions(**values).validate()

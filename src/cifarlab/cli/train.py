@@ -7,10 +7,12 @@ import contextlib
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import CifarlabError
-from .args import EXIT_INTERRUPTED, add_data_args, add_recipe_args, bounded_int, load_data, recipe_from_args
+from .args import (EXIT_INTERRUPTED, add_data_args, add_recipe_args, add_run_args, bounded_int, load_data,
+                   recipe_from_args, run_options_from_args)
 
 
 def register(sub) -> None:
@@ -28,7 +30,6 @@ def register(sub) -> None:
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    from ..precision import PRECISIONS
     from ..recipes import PRESETS
 
     g = p.add_argument_group("recipe (defaults come from --preset)")
@@ -38,25 +39,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("running")
     r.add_argument("--name", help="run name (default: PRESET-DATE-TIME); the run folder is RUNS_DIR/NAME")
     r.add_argument("--runs-dir", default="runs")
-    r.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    r.add_argument("--resume", action="store_true",
-                   help="continue the run NAME from its last good checkpoint, with its own recipe, model and data "
-                        "(options given must agree with them)")
-    r.add_argument("--checkpoint-every", type=bounded_int(0, 10 ** 9), default=0,
-                   help="also checkpoint every N steps (default: every epoch only)")
-    r.add_argument("--compile", action="store_true", help="torch.compile the model (measure first: see bench/)")
-    r.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="bf16 or fp16 autocast (fp16 with a gradient scaler), or fp32 (default auto: bf16 on "
-                        "CUDA compute capability >= 8.0 and on CPUs with native bf16, fp16 on older GPUs, else fp32)")
-    r.add_argument("--threads", type=bounded_int(1, 1024),
-                   help="a fixed count of CPU threads: bitwise-repeatable runs (default: adaptive, up to all cores)")
-    r.add_argument("--adaptive-threads", action=argparse.BooleanOptionalAction, default=True,
-                   help="CPU, without --threads: time the thread counts as the run goes and use fewer threads when "
-                        "other processes compete for the cores (default: on; results then vary in the last bits)")
-    r.add_argument("--no-progress", action="store_true", help="no progress bars (off anyway when stderr is "
-                                                               "not a terminal)")
-    r.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files")
-    r.add_argument("--max-steps", type=bounded_int(1, 10 ** 9), help=argparse.SUPPRESS)
+    add_run_args(r)
     r.add_argument("--train-subset", type=bounded_int(1, 10_000_000),
                    help="train on the first N training images only (quick checks; evaluation still uses all "
                         "test images)")
@@ -93,6 +76,7 @@ def train_command(args, evaluate_after: bool) -> int:
     if args.name is not None:
         rundir.check_run_name(args.name)  # one plain folder name: never a path out of --runs-dir
     name = args.name or f"{args.preset or 'exercise'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    options = run_options_from_args(args)
     run_dir = Path(args.runs_dir) / name
     device = setup_distributed(args)
     is_main = dist_info().is_main
@@ -109,13 +93,9 @@ def train_command(args, evaluate_after: bool) -> int:
                                     f"images of {data.spec}")
             data = data.with_train(data.train.subset(slice(0, subset)), f"first {subset}")
         try:
-            result = train(recipe, data, run_dir, device=device, resume=args.resume,
-                           checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
-                           compile=args.compile, log=log, max_steps=args.max_steps, tensorboard=args.tensorboard,
-                           precision=args.precision,
-                           adaptive_threads=args.adaptive_threads and not args.threads)
+            result = train(recipe, data, run_dir, replace(options, device=device), log=log)
         except TrainingInterrupted as e:
-            log(f"\n{e}. Continue with: {resume_command(args, name)}")
+            log(f"\n{e}. Continue with: {resume_command(args, options, name)}")
             return EXIT_INTERRUPTED
         finally:
             if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -172,25 +152,17 @@ def resume_recipe(args, stored: dict, run_dir: Path):
     return replace(Recipe(**saved), **given).validate()
 
 
-def resume_command(args, name: str) -> str:
-    """A command that continues this run: everything else is stored in the run (recipe, model, data)."""
+def resume_command(args, options, name: str) -> str:
+    """A command that continues this run: the recipe, model and data are stored in the run; where it
+    lives and how it runs (the resumable :class:`RunOptions` away from their defaults) are repeated."""
     import shlex
 
     parts = ["cifarlab", args.command, "--name", name]
     if Path(args.runs_dir) != Path("runs"):
         parts += ["--runs-dir", str(args.runs_dir)]
-    for option in ("data_dir", "device"):
-        if getattr(args, option, None):
-            parts += ["--" + option.replace("_", "-"), str(getattr(args, option))]
-    if args.checkpoint_every:
-        parts += ["--checkpoint-every", str(args.checkpoint_every)]
-    if args.precision != "auto":
-        parts += ["--precision", args.precision]
-    if args.threads:  # a fixed count keeps the resumed run bitwise equal to an uninterrupted one
-        parts += ["--threads", str(args.threads)]
-    elif not args.adaptive_threads:
-        parts += ["--no-adaptive-threads"]
-    return shlex.join(parts + ["--resume"])
+    if getattr(args, "data_dir", None):
+        parts += ["--data-dir", str(args.data_dir)]
+    return shlex.join(parts + options.resume_flags() + ["--resume"])
 
 
 def evaluate_and_report(args, run_dir: Path, data, seed: int, log) -> None:

@@ -1,0 +1,223 @@
+"""``train()``: one run, assembled. The recipe and the data give a :class:`Trainer` (model, optimizer,
+splits, normalization); the recipe and the :class:`RunOptions` choose its callbacks; the run folder is
+claimed for the whole call (rank 0), resumed from if asked, and filled by the callbacks.
+
+The whole dataset stays in memory as uint8; a batch is an index into it, normalized and augmented as one
+tensor. Under ``torchrun`` the same loop runs data-parallel: ``batch_size`` is per process, rank 0 alone
+writes files.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from .. import memory, rundir
+from ..data import Dataset, holdout_split
+from ..devices import resolve_device
+from ..errors import TrainingError
+from ..fsutil import atomic_write_json
+from ..models import Net, Whiten, get_declaration
+from ..precision import resolve_precision
+from ..recipes import Recipe
+from ..transforms import Normalization
+from .callbacks.adaptive_threads import AdaptiveThreadsCallback
+from .callbacks.calibrate import FitTemperature
+from .callbacks.console import ConsoleProgress
+from .callbacks.diagnosis import Diagnose
+from .callbacks.early_stopping import EarlyStopping
+from .callbacks.ema import EMA
+from .callbacks.lookahead import Lookahead
+from .callbacks.metrics_csv import MetricsCSV
+from .callbacks.mix import MixBatches
+from .callbacks.stopping import MaxSteps, StopOnSignal
+from .callbacks.tensorboard import TensorBoard
+from .callbacks.whiten_bias import WhitenBiasEpochs
+from .checkpointing import Checkpointer, resume
+from .distributed import DistInfo, dist_info
+from .loop import Callback, Trainer
+from .options import RunOptions
+from .parts import epoch_order, make_optimizer
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model: Net
+    history: list[dict]
+    normalization: Normalization
+    classes: list[str]
+    val_source: str
+    seconds: float
+    meta: dict = field(default_factory=dict)
+
+
+def train(recipe: Recipe, data: Dataset, run_dir: str | Path, options: RunOptions | None = None, *, log=print,
+          callbacks: list[Callback] = (), **option_values) -> TrainResult:
+    """Train ``recipe`` on ``data`` into ``run_dir`` (checkpoints, metrics.csv, the final model).
+
+    ``options`` (or its fields as keywords: ``resume=True``, ``max_steps=40``, ``precision="fp32"`` ...): how
+    the run is carried out (see :class:`RunOptions`). ``callbacks``: more :class:`Callback` objects, run with
+    the recipe's own. Raises :class:`TrainingInterrupted` after Ctrl-C / SIGTERM (checkpoint written).
+    """
+    options = replace(options or RunOptions(), **option_values).validate()
+    recipe.validate()
+    if data.eval_only:
+        raise TrainingError(f"{data.spec or data.name} is an evaluation-only dataset (no training images); train on "
+                            f"another dataset and evaluate on this one (cifarlab evaluate RUN --on {data.spec}).")
+    device = resolve_device(options.device)  # one-line error for a device this machine does not have
+    memory.check_fits(get_declaration(recipe.model, data.num_classes, data.image_shape), recipe.batch_size,
+                      device)  # before allocating anything
+    channels_last = device.type == "cpu" if options.channels_last is None else options.channels_last
+    run_dir, dist = Path(run_dir), dist_info()
+    threads_before = torch.get_num_threads()
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    try:
+        # Rank 0 owns the folder (an exclusive lock for the whole run); a new run needs it missing or empty.
+        with rundir.claim(run_dir, options.resume) if dist.is_main else contextlib.nullcontext():
+            t = prepare(recipe, data, device, resolve_precision(options.precision, device), channels_last, dist, log)
+            adaptive = options.adaptive_threads and not options.threads and device.type == "cpu" \
+                and dist.world == 1 and threads_before > 1
+            base_meta = run_meta(t, data, "adaptive" if adaptive else torch.get_num_threads())
+            t.add_callbacks([*callbacks_for(t, options, run_dir, base_meta, data, adaptive, log), *callbacks])
+            if options.resume:
+                resume(t, run_dir, base_meta)
+            parallelize(t, options.compile)
+            if dist.is_main:
+                write_run_files(run_dir, recipe, data)
+            log(describe(t, adaptive))
+            t.fit()
+            return TrainResult(run_dir=run_dir, model=t.eval_model, history=t.history, normalization=t.normalization,
+                               classes=list(data.classes), val_source=t.val_source, seconds=t.seconds(),
+                               meta=base_meta)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def prepare(recipe: Recipe, data: Dataset, device: torch.device, precision: str, channels_last: bool,
+            dist: DistInfo | None = None, log=print) -> Trainer:
+    """The trainer for ``recipe`` on ``data``, with no callbacks: splits (``val_split`` images held out of the
+    training set, else the test set validates, as in the exercise), normalization, model, optimizer."""
+    dist = dist or DistInfo()
+    train_split, val_split = data.train, data.test
+    val_source = "test set (as in the exercise)"
+    if recipe.val_split:
+        train_split, val_split = holdout_split(data.train, recipe.val_split, seed=recipe.seed)
+        val_source = f"{recipe.val_split} images held out from the training set"
+    # "standard": the mean and std of the images this run trains on, whatever the dataset.
+    normalization = Normalization.for_training(recipe.normalization, train_split.images)
+    model = build_model(recipe, data, train_split, normalization, dist, device, channels_last)
+    t = Trainer(recipe=recipe, model=model, optimizer=make_optimizer(recipe, model), train_split=train_split,
+                val_split=val_split, normalization=normalization, device=device, precision=precision,
+                channels_last=channels_last, dist=dist, log=log)
+    t.val_source = val_source
+    return t
+
+
+def build_model(recipe: Recipe, data: Dataset, train_split, normalization: Normalization, dist: DistInfo,
+                device: torch.device, channels_last: bool) -> Net:
+    torch.manual_seed(recipe.seed)
+    model = Net(get_declaration(recipe.model, data.num_classes, data.image_shape))
+    if any(isinstance(m, Whiten) for m in model.modules()):  # blocks included
+        sample = train_split.images[epoch_order(recipe.seed, -1, len(train_split))[:5000]]
+        model.init_from_data(normalization(sample))
+    for bias in whitening_biases(model):  # in the optimizer from the start; frozen after whiten_bias_epochs
+        bias.requires_grad_(recipe.whiten_bias_epochs > 0)
+    if dist.world > 1:
+        torch.manual_seed(recipe.seed + 1_000_003 * dist.rank)  # same init, different dropout per rank
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def whitening_biases(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [m.bias for m in model.modules() if isinstance(m, Whiten)]
+
+
+def callbacks_for(t: Trainer, options: RunOptions, run_dir: Path, base_meta: dict, data: Dataset, adaptive: bool,
+                  log) -> list[Callback]:
+    """The callbacks the recipe and the options ask for (the order of events is each callback's ``order``)."""
+    recipe = t.recipe
+    mixed = bool(recipe.mixup or recipe.cutmix)
+    chosen: list[Callback] = [StopOnSignal(), ConsoleProgress(log, bar=options.progress, mixed_batches=mixed),
+                              MetricsCSV(run_dir / "metrics.csv")]
+    if whitening_biases(t.model):
+        chosen.append(WhitenBiasEpochs(whitening_biases(t.model), recipe.whiten_bias_epochs))
+    if recipe.lookahead:
+        chosen.append(Lookahead(t.model, recipe.lookahead, recipe.epochs * t.spe))
+    if mixed:
+        chosen.append(MixBatches(data.num_classes, recipe.mixup, recipe.cutmix))
+    if recipe.ema:
+        chosen.append(EMA(t.model, recipe.ema))
+    if recipe.early_stop:
+        chosen.append(EarlyStopping(t.model, recipe.early_stop, log))
+    if adaptive:
+        chosen.append(AdaptiveThreadsCallback(torch.get_num_threads(), log))
+    if options.max_steps:
+        chosen.append(MaxSteps(options.max_steps))
+    if options.tensorboard:
+        chosen.append(TensorBoard(run_dir / "tensorboard", log))
+    if recipe.val_split:  # temperature scaling on the held-out training images, never the test set
+        chosen.append(FitTemperature(log))
+    if options.diagnose:
+        chosen.append(Diagnose(t.val_source, mixed, log))
+    chosen.append(Checkpointer(run_dir, base_meta, options.checkpoint_every, options.keep_checkpoints))
+    return chosen
+
+
+def run_meta(t: Trainer, data: Dataset, threads) -> dict:
+    """What every checkpoint of the run says about it (the final one adds history, metrics and more)."""
+    return {"architecture": t.model.declaration, "classes": list(data.classes), "dataset": data.describe(),
+            "normalization": t.normalization.to_dict(), "recipe": asdict(t.recipe), "seed": t.recipe.seed,
+            "val_source": t.val_source, "val_size": len(t.val_split), "world_size": t.dist.world,
+            "precision": t.precision, "threads": threads,
+            "data_identity": rundir.data_identity(data)}  # compared on resume
+
+
+def parallelize(t: Trainer, compile: bool) -> None:
+    if t.dist.world > 1 and t.device.type == "cuda":
+        # Batch statistics over the global batch, as one process would compute them. (On CPU, PyTorch's
+        # SyncBatchNorm does not run, so each rank normalizes with its own shard's statistics.)
+        t.model = t.train_model = t.eval_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(t.model)
+    if t.dist.world > 1:
+        # find_unused_parameters: the whitening bias stops receiving gradients after whiten_bias_epochs.
+        t.train_model = torch.nn.parallel.DistributedDataParallel(
+            t.model, device_ids=[t.device.index] if t.device.type == "cuda" else None,
+            find_unused_parameters=t.recipe.whiten_bias_epochs > 0)
+    if compile:
+        t.train_model = _maybe_compile(t.train_model, t.log)
+
+
+def write_run_files(run_dir: Path, recipe: Recipe, data: Dataset) -> None:
+    """recipe.json, and dataset.json: the data this run learns from (for a photo folder, which file is in
+    which split)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "recipe.json", asdict(recipe))
+        atomic_write_json(run_dir / "dataset.json", dict(data.describe(), files=data.files))
+    except OSError as e:
+        raise TrainingError(f"{run_dir}: cannot create or write the run folder ({e.strerror or e}).") from None
+
+
+def describe(t: Trainer, adaptive: bool) -> str:
+    recipe, doctor = t.recipe, [f"{name} {value:g}" for name, value in (("ema", t.recipe.ema),
+                                                                        ("early stop", t.recipe.early_stop),
+                                                                        ("mixup", t.recipe.mixup),
+                                                                        ("cutmix", t.recipe.cutmix)) if value]
+    processes = f" x {t.dist.world} processes" if t.dist.world > 1 else ""
+    return (f"training {t.model.declaration['name']} ({t.model.num_parameters():,} parameters) on {t.device}, "
+            f"{torch.get_num_threads()} threads{' (adaptive)' if adaptive else ''}, {t.precision}; {t.n:,} images, "
+            f"batch {recipe.batch_size}{processes}, {recipe.epochs} epochs; validation: {t.val_source}"
+            + (f"; {', '.join(doctor)}" if doctor else ""))
+
+
+def _maybe_compile(model, log):
+    try:
+        return torch.compile(model)
+    except Exception as e:  # unsupported platform or Python: eager is always correct
+        log(f"torch.compile unavailable ({type(e).__name__}: {e}); running eagerly")
+        return model
