@@ -174,8 +174,11 @@ def photos(tmp_path) -> Path:
 def test_real_photos_load_with_train_and_val_and_odd_files_handled(photos, tmp_path, monkeypatch):
     monkeypatch.setenv("CIFARLAB_CACHE", str(tmp_path / "cache"))
     lines = []
-    ds = load_dataset(f"folder:{photos}", image_size=64, log=lines.append)
+    ds = load_dataset(f"folder:{photos}", log=lines.append)  # the size is chosen from the photos: 64
     assert ds.classes == ["ants", "bees"] and ds.image_shape == (3, 64, 64)
+    assert ds.identity["image_size"] == 64 and ds.identity["image_size_from"].startswith(
+        f"auto: median shorter side ") and ds.identity["fit"] == "crop"
+    assert lines[0].startswith("image size 64 (auto: median shorter side")
     # 398 photos (one GIF, one name with a space); the broken JPEG is skipped with its reason.
     assert len(ds.train) + len(ds.test) == 398
     assert ds.files["train"].count("train/ants/ant photos.jpg") == 1
@@ -185,7 +188,8 @@ def test_real_photos_load_with_train_and_val_and_odd_files_handled(photos, tmp_p
     assert ds.train.images.dtype == torch.uint8 and int(ds.train.labels.max()) == 1
     with pytest.raises(DataError, match=r"1 file\(s\) could not be read \(--strict\): val/bees/broken\.jpg"):
         load_dataset(f"folder:{photos}", image_size=64, strict=True)
-    # A second load comes from the cache (keyed by content): no decoding message, same tensors, fast.
+    # A second load comes from the cache (keyed by content; the auto size is keyed as the explicit 64 is):
+    # no decoding message, same tensors, fast.
     lines.clear()
     start = time.perf_counter()
     again = load_dataset(f"folder:{photos}", image_size=64, log=lines.append)
@@ -236,6 +240,8 @@ def test_cifar10_written_as_png_loads_back_as_the_same_images_and_labels(cifar, 
     root = write_image_folder(part, tmp_path / "cifar-png")
     ds = load_dataset(f"folder:{root}")
     assert ds.classes == sorted(cifar.classes)  # class index = sorted folder names
+    assert ds.identity["image_size"] == 32 and ds.identity["image_size_from"].startswith("auto: median shorter "
+                                                                                         "side 32 px of 200 ")
     remap = torch.tensor([ds.classes.index(c) for c in cifar.classes])
 
     def pairs(images, labels):

@@ -257,3 +257,176 @@ def test_lab_image_refused(tmp_path):
     _solid("LAB", (32, 32), (50, 0, 0)).save(tmp_path / "lab.tiff")
     _refused(tmp_path / "lab.tiff", "CIELab images are not supported")
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fits: how a non-square picture becomes the square the net takes
+
+RED, BLUE = (255, 0, 0), (0, 0, 255)
+PHOTOS = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "photos" / "hymenoptera_data"
+
+
+def _halves(tmp_path, width: int = 40, height: int = 20):
+    """A wide picture: red left half, blue right half (lossless PNG)."""
+    a = np.zeros((height, width, 3), np.uint8)
+    a[:, :width // 2], a[:, width // 2:] = RED, BLUE
+    Image.fromarray(a).save(tmp_path / "halves.png")
+    return tmp_path / "halves.png", a
+
+
+def _hwc(t: torch.Tensor) -> np.ndarray:
+    return t.permute(1, 2, 0).numpy()
+
+
+def _near(region: np.ndarray, rgb, tol: int = 1) -> bool:
+    """Every pixel of ``region`` within ``tol`` of ``rgb`` (Lanczos rings by a level or two near an edge)."""
+    return bool((np.abs(region.astype(np.int16) - np.array(rgb, np.int16)) <= tol).all())
+
+
+def _old_center_crop(path, size: int) -> torch.Tensor:
+    """What load_image did before fits existed, written out with Pillow alone (an RGB file, no EXIF)."""
+    im = Image.open(path).convert("RGB")
+    w, h = im.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    square = im.crop((left, top, left + side, top + side))
+    if square.size != (size, size):
+        square = square.resize((size, size), Image.Resampling.LANCZOS)
+    return torch.from_numpy(np.asarray(square).copy()).permute(2, 0, 1)
+
+
+def test_fits_are_named_and_checked():
+    assert images.FITS == ("crop", "squish", "pad") and images.DEFAULT_FIT in images.FITS
+    with pytest.raises(ImageError, match="unknown fit 'stretch': use one of crop, squish, pad"):
+        images.check_fit("stretch")
+
+
+def test_unknown_fit_is_refused_before_reading(tmp_path):
+    with pytest.raises(ImageError, match="unknown fit 'zoom'"):
+        load_image(tmp_path / "not-even-there.png", 20, fit="zoom")
+
+
+def test_crop_keeps_only_the_middle(tmp_path):
+    path, a = _halves(tmp_path)
+    t = load_image(path, 20, fit="crop")  # the centered 20x20: columns 10..29, no resizing
+    assert np.array_equal(_hwc(t), a[:, 10:30])
+    assert (_hwc(t)[:, :10] == RED).all() and (_hwc(t)[:, 10:] == BLUE).all()
+
+
+def test_crop_is_the_default_and_bit_identical_to_the_old_center_crop(tmp_path):
+    rng = np.random.default_rng(1)
+    for w, h in ((40, 20), (33, 50), (300, 100), (7, 64), (32, 32)):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{w}x{h}.png")
+        for size in (16, 32, 64):
+            expected = _old_center_crop(tmp_path / f"{w}x{h}.png", size)
+            assert torch.equal(load_image(tmp_path / f"{w}x{h}.png", size), expected)
+            assert torch.equal(load_image(tmp_path / f"{w}x{h}.png", size, fit="crop"), expected)
+
+
+def test_crop_is_bit_identical_on_real_photos():
+    jpegs = sorted((PHOTOS / "train" / "ants").glob("*.jpg"))[:6]
+    assert jpegs, f"the real photos are needed at {PHOTOS}"
+    for path in jpegs:
+        with Image.open(path) as im:
+            assert not im.getexif().get(0x0112, 1) > 1  # upright already: the reference ignores EXIF
+        for size in (32, 64):
+            assert torch.equal(load_image(path, size, fit="crop"), _old_center_crop(path, size))
+
+
+def test_squish_keeps_all_of_it_stretched(tmp_path):
+    path, a = _halves(tmp_path)
+    t = _hwc(load_image(path, 20, fit="squish"))  # 40x20 -> 20x20: each half becomes 10 columns
+    assert t.shape == (20, 20, 3)
+    assert _near(t[:, :9], RED) and _near(t[:, 11:], BLUE)  # each colour in its half (Lanczos rings a level)
+    assert (t == t[:1]).all()  # every row the same: nothing was cut or padded vertically
+    expected = np.asarray(Image.fromarray(a).resize((20, 20), Image.Resampling.LANCZOS))
+    assert np.array_equal(t, expected)
+
+
+def test_pad_keeps_all_of_it_with_reflected_rows(tmp_path):
+    rng = np.random.default_rng(2)
+    a = rng.integers(0, 256, (20, 40, 3), dtype=np.uint8)
+    a[:, :20, 1:] = 0  # a red-ish left half...
+    a[:, 20:, :2] = 0  # ...and a blue-ish right half, with content that changes row by row
+    Image.fromarray(a).save(tmp_path / "wide.png")
+    t = _hwc(load_image(tmp_path / "wide.png", 20, fit="pad"))
+    content = np.asarray(Image.fromarray(a).resize((20, 10), Image.Resampling.LANCZOS))  # longer side -> 20
+    assert t.shape == (20, 20, 3)
+    assert np.array_equal(t[5:15], content)  # the whole picture, 5 rows of margin above and below
+    assert np.array_equal(t[:5], content[5:0:-1]) and np.array_equal(t[15:], content[-2:-7:-1])  # mirrored
+    assert t[:, :9, 0].mean() > 4 * t[:, :9, 2].mean() and t[:, 11:, 2].mean() > 4 * t[:, 11:, 0].mean()
+    # The red|blue halves: every row is the same, so the margins are too.
+    path, _ = _halves(tmp_path)
+    halves = _hwc(load_image(path, 20, fit="pad"))
+    assert _near(halves[:, :9], RED) and _near(halves[:, 11:], BLUE) and (halves == halves[:1]).all()
+
+
+def test_pad_of_a_tall_picture_pads_columns_and_an_odd_margin_goes_bottom_right(tmp_path):
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 256, (40, 14, 3), dtype=np.uint8)  # 14 wide, 40 tall -> 7 x 20, margin 13
+    Image.fromarray(a).save(tmp_path / "tall.png")
+    t = _hwc(load_image(tmp_path / "tall.png", 20, fit="pad"))
+    content = np.asarray(Image.fromarray(a).resize((7, 20), Image.Resampling.LANCZOS))
+    assert np.array_equal(t, np.pad(content, ((0, 0), (6, 7), (0, 0)), mode="reflect"))
+    assert np.array_equal(t[:, 6:13], content)
+
+
+def test_pad_of_a_one_pixel_line_repeats_its_edge(tmp_path):
+    rng = np.random.default_rng(4)
+    line = rng.integers(0, 256, (1, 100, 3), dtype=np.uint8)  # 100x1 -> 32x1: nothing to reflect
+    Image.fromarray(line).save(tmp_path / "line.png")
+    t = _hwc(load_image(tmp_path / "line.png", 32, fit="pad"))
+    assert t.shape == (32, 32, 3) and (t == t[16:17]).all()
+    assert np.array_equal(t[16], np.asarray(Image.fromarray(line).resize((32, 1), Image.Resampling.LANCZOS))[0])
+    Image.fromarray(line.transpose(1, 0, 2)).save(tmp_path / "column.png")  # and standing up
+    t = _hwc(load_image(tmp_path / "column.png", 32, fit="pad"))
+    assert (t == t[:, 16:17]).all()
+
+
+@pytest.mark.parametrize("fit", images.FITS)
+def test_every_fit_passes_a_right_sized_picture_through_and_agrees_on_squares(tmp_path, fit):
+    pixels = np.random.default_rng(5).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    assert torch.equal(load_image(tmp_path / "a.png", fit=fit), torch.from_numpy(pixels).permute(2, 0, 1))
+    big = np.random.default_rng(6).integers(0, 256, (50, 50, 3), dtype=np.uint8)
+    Image.fromarray(big).save(tmp_path / "square.png")
+    assert torch.equal(load_image(tmp_path / "square.png", 32, fit=fit), load_image(tmp_path / "square.png", 32))
+
+
+@pytest.mark.parametrize("fit", images.FITS)
+def test_every_fit_keeps_the_checks_and_conversions(tmp_path, fit):
+    Image.new("RGBA", (40, 20), (255, 0, 0, 0)).save(tmp_path / "clear.png")  # transparent -> white
+    t = load_image(tmp_path / "clear.png", 16, fit=fit)
+    assert t.shape == (3, 16, 16) and (t == 255).all()
+    with pytest.raises(ImageError, match="possible decompression bomb"):
+        (tmp_path / "bomb.png").write_bytes(_png(100_000, 100_000, zlib.compress(b"\0" * 1024)))
+        load_image(tmp_path / "bomb.png", fit=fit)
+    assert load_images([tmp_path / "clear.png"] * 2, 16, fit=fit).shape == (2, 3, 16, 16)
+
+
+def test_real_photos_in_every_fit():
+    path = PHOTOS / "train" / "ants" / "ant photos.jpg"  # a name with a space
+    gif = next((PHOTOS / "train").rglob("*.gif"))
+    for p in (path, gif):
+        out = {fit: load_image(p, 64, fit=fit) for fit in images.FITS}
+        assert all(t.shape == (3, 64, 64) and t.dtype == torch.uint8 for t in out.values())
+        with Image.open(p) as im:
+            square = im.size[0] == im.size[1]
+        assert square or len({t.numpy().tobytes() for t in out.values()}) == 3  # three different pictures
+
+
+def test_fit_of_a_checkpoints_dataset_entry():
+    assert images.fit_of(None) == images.fit_of({}) == "crop"
+    assert images.fit_of({"spec": "cifar10", "identity": {"format": "binary"}}) == "crop"  # CIFAR, old runs
+    assert images.fit_of({"identity": {"fit": "pad"}}) == "pad"
+    assert images.fit_of({"identity": None}) == "crop"
+    with pytest.raises(ImageError, match="fitted with 'warp'"):
+        images.fit_of({"identity": {"fit": "warp"}})
+
+
+def test_header_size_reads_no_pixels(tmp_path):
+    (tmp_path / "claims.png").write_bytes(_png(300, 200, b"not even zlib"))  # the pixel data is garbage
+    assert images.header_size(tmp_path / "claims.png") == (300, 200)
+    with pytest.raises(ImageError, match="possible decompression bomb"):
+        (tmp_path / "bomb.png").write_bytes(_png(100_000, 100_000, b""))
+        images.header_size(tmp_path / "bomb.png")

@@ -307,6 +307,31 @@ def test_sigkill_at_random_moments_loses_at_most_one_checkpoint_interval(work, r
           f"most steps lost: {max(r['lost'] for r in records)} (checkpoint every {EVERY})")
 
 
+def test_sigkill_with_ema_mixup_and_cutmix_on_still_resumes_bitwise(work, tmp_path):
+    # The stateful callbacks (EMA's averaged weights and update count) and the batch-replacing one
+    # (MixUp/CutMix draws from the global RNG) must survive kills like the core state does.
+    recipe = dict(RECIPE, ema=0.9, mixup=0.4, cutmix=1.0, label_smoothing=0.1)
+    ref = Life(work, tmp_path / "ref", "ema-ref", recipe=recipe, out=str(tmp_path / "ref.safetensors"))
+    assert ref.wait() == 0, ref.text()
+    run = tmp_path / "run"
+    for i, mode in enumerate(["steps", "checkpoint", "steps"]):
+        start, stale = _good_step(run), _tmp_dirs(run)
+        life = Life(work, run, f"ema{i}", recipe=recipe)
+        if mode == "checkpoint":
+            _wait_until(life, lambda: _tmp_dirs(run) - stale, "a checkpoint write")
+        else:
+            _wait_until(life, lambda: life.steps >= EVERY + 3, f"{EVERY + 3} steps")
+        life.proc.send_signal(signal.SIGKILL)
+        assert life.wait() == -signal.SIGKILL, life.text()
+        assert start + life.steps < TOTAL
+    final = Life(work, run, "ema-final", recipe=recipe, out=str(tmp_path / "final.safetensors"))
+    assert final.wait() == 0, final.text()
+    assert "resuming from" in final.text()
+    _assert_same_weights(load_file(tmp_path / "final.safetensors"), load_file(tmp_path / "ref.safetensors"))
+    assert _metrics(run) == _metrics(tmp_path / "ref")
+    assert ckpts.load_checkpoint(run / "final").meta["recipe"]["ema"] == 0.9
+
+
 def test_kill_while_pruning_an_old_checkpoint_leaves_no_damaged_checkpoint(work, small, tmp_path):
     # A kill aimed at a moment the random kills above hit only rarely: between two file deletions of an
     # old checkpoint being pruned. The driver is the same; it SIGKILLs itself right there.

@@ -10,6 +10,7 @@ from PIL import Image
 
 from cifarlab.checkpoints import load_checkpoint
 from cifarlab.cli import main
+from cifarlab.errors import ImageError
 from cifarlab.evaluate import predict_logits
 from cifarlab.predict import predict_files, predict_images
 from cifarlab.transforms import Normalization
@@ -92,6 +93,28 @@ def test_tta_option(trained_run, ckpt, cifar, tmp_path, capsys):
     expected = torch.softmax(predict_logits(ckpt.model, x, norm, tta=True).double(), 1)[0]
     assert entries[0]["predictions"][0]["probability"] == pytest.approx(float(expected.max()), abs=1e-12)
     assert main(["predict", str(trained_run), str(path), "--tta"]) == 0
+
+
+def test_images_are_fitted_as_the_checkpoints_training_data_was(ckpt, cifar, tmp_path):
+    """A CIFAR run (and a run recorded before fits) center-crops; a run trained with --fit pad pads."""
+    from dataclasses import replace
+
+    from cifarlab.images import load_image
+
+    wide = Image.fromarray(cifar.test.images[9].permute(1, 2, 0).numpy()).resize((96, 40))
+    wide.save(tmp_path / "wide.png")
+    assert "fit" not in ckpt.meta["dataset"]["identity"]
+    crop = predict_images(ckpt, load_image(tmp_path / "wide.png", 32, fit="crop")[None], top_k=10)[0]
+    assert predict_files(ckpt, [tmp_path / "wide.png"], top_k=10)[0]["predictions"] == crop
+    meta = json.loads(json.dumps(ckpt.meta))
+    for fit in ("pad", "squish"):
+        meta["dataset"]["identity"]["fit"] = fit
+        fitted = replace(ckpt, meta=meta)
+        expected = predict_images(ckpt, load_image(tmp_path / "wide.png", 32, fit=fit)[None], top_k=10)[0]
+        assert predict_files(fitted, [tmp_path / "wide.png"], top_k=10)[0]["predictions"] == expected != crop
+    meta["dataset"]["identity"]["fit"] = "warp"  # a value this version does not know: refused, by name
+    with pytest.raises(ImageError, match="fitted with 'warp'"):
+        predict_files(replace(ckpt, meta=meta), [tmp_path / "wide.png"])
 
 
 def test_bad_arguments_and_checkpoint(tmp_path, capsys, cifar):

@@ -2,10 +2,12 @@
 EMA, early stopping with best restore, MixUp/CutMix, the diagnosis; each stateful one resumes exactly."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from cifarlab import checkpoints as C
-from cifarlab.data import CIFAR10
+from cifarlab.data import CIFAR10, holdout_split
+from cifarlab.evaluate import evaluate_model
 from cifarlab.train import Callback, RunOptions, recipe_from, train
 from cifarlab.train.callbacks.ema import EMA
 from cifarlab.train.loop import EVENTS
@@ -160,6 +162,31 @@ def test_early_stopping_stops_restores_the_best_and_resumes_exactly(cifar, tmp_p
     assert final.meta["metrics"]["epoch"] == 2
     epoch2 = _weights(tmp_path / "keep" / C.CKPT_DIR / C.checkpoint_name(2 * 17))
     _same_weights(final.model.state_dict(), epoch2)
+
+
+def test_the_final_model_scores_the_best_epochs_validation_accuracy(cifar, tmp_path):
+    # Real accuracies, nothing scripted: lr 0.02 makes the exercise net's validation accuracy wander.
+    recipe = recipe_from("exercise", epochs=4, early_stop=1, val_split=200, lr=0.02)
+    result = train(recipe, small(cifar, 1200, 100), tmp_path / "r", progress=False, log=quiet)
+    final = C.load_checkpoint(tmp_path / "r" / "final")
+    best = max(row["val_acc"] for row in result.history)
+    val = holdout_split(small(cifar, 1200, 100).train, 200, seed=0)[1]
+    accuracy = evaluate_model(final.model, val.images, val.labels, cifar.classes, result.normalization).accuracy
+    assert accuracy == pytest.approx(best, abs=1e-6)  # float32 mean of 200 hits: steps of 0.005
+    assert final.meta["early_stopping"]["best_val_acc"] == best
+
+
+def test_an_early_stopped_run_resumed_after_losing_its_final_model_does_not_train_on(cifar, tmp_path):
+    # Killed after the stopping epoch's checkpoint but before final/ was written: resume must finish the
+    # run as it was (best weights, no more epochs), not train past the stop.
+    recipe = recipe_from("exercise", epochs=5, early_stop=1, val_split=100)
+    scripted = [ScriptedValidation([0.5, 0.4, 0.9, 0.9, 0.9])]  # stops after epoch 2
+    first = train(recipe, small(cifar), tmp_path / "r", progress=False, log=quiet, callbacks=scripted)
+    kept = _weights(tmp_path / "r" / "final")
+    __import__("shutil").rmtree(tmp_path / "r" / "final")
+    again = train(recipe, small(cifar), tmp_path / "r", progress=False, log=quiet, resume=True, callbacks=scripted)
+    assert len(first.history) == len(again.history) == 2
+    _same_weights(_weights(tmp_path / "r" / "final"), kept)
 
 
 def test_best_weights_are_restored_even_without_an_early_stop(cifar, tmp_path):

@@ -46,7 +46,7 @@ def preview(recipe: Recipe, data: Dataset, n: int = 8, views: int = 4, seed: int
     idx = epoch_order(recipe.seed, epoch, len(train))[:n]
     images, labels = train.images[idx], train.labels[idx]
     flips = alternating_flips(recipe.seed, len(train), epoch)[idx] if recipe.flip and recipe.alt_flip else None
-    augment = Augment(recipe.flip, recipe.translate, recipe.cutout, recipe.translate_pad)
+    augment = Augment.from_recipe(recipe)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         shown = [_view(recipe, normalization, augment, images, labels, flips, data.num_classes)
@@ -59,7 +59,7 @@ def _view(recipe, normalization, augment, images, labels, flips, num_classes):
     """One pass of the training batch path: (uint8 pixels, soft targets)."""
     x = normalization(images)
     if augment.active:
-        x = augment(x, flip_mask=flips)
+        x = augment(x, flip_mask=flips, normalization=normalization)
     x, targets = mix_batch(x, labels, num_classes, recipe.mixup, recipe.cutmix)
     if targets.ndim == 1:
         targets = soft_targets(targets, num_classes)
@@ -69,6 +69,10 @@ def _view(recipe, normalization, augment, images, labels, flips, num_classes):
 
 def describe(recipe: Recipe, epoch: int = 0) -> str:
     parts = []
+    if recipe.crop_scale:
+        parts.append(f"random resized crop {recipe.crop_scale:g}..1 of the area")
+    if recipe.color_jitter:
+        parts.append(f"colour jitter 1 +- {recipe.color_jitter:g}")
     if recipe.flip:
         parts.append(f"alternating flip (epoch {epoch})" if recipe.alt_flip else "random flip")
     if recipe.translate:

@@ -45,7 +45,7 @@ OWN_FILES = {MODEL_FILE, META_FILE, STATE_FILE}
 # Size limits checked before a file is read: the largest model allowed (MAX_PARAMS fp32 values) plus
 # its header; a training state holds up to four tensors per parameter (optimizer moments, lookahead).
 MAX_WEIGHTS_BYTES = 4 * MAX_PARAMS + (64 << 20)
-MAX_STATE_BYTES = 4 * MAX_WEIGHTS_BYTES
+MAX_STATE_BYTES = 8 * MAX_WEIGHTS_BYTES  # optimizer (2x for Adam) + lookahead + EMA + best weights
 
 
 @dataclass

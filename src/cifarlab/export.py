@@ -9,9 +9,12 @@ The ONNX model's contract (also stored in the file's metadata and doc string):
 * output ``probabilities``: float32 (N, num_classes), ``softmax(logits / T)`` with the checkpoint's
   temperature T (fitted on held-out training images; 1 when the checkpoint has none);
 * metadata ``cifarlab.classes`` (JSON list, index = class id), ``cifarlab.normalization``,
-  ``cifarlab.architecture``, ``cifarlab.temperature`` (T, and ``cifarlab.calibration``: where it was fitted).
+  ``cifarlab.architecture``, ``cifarlab.temperature`` (T, and ``cifarlab.calibration``: where it was fitted),
+  ``cifarlab.fit`` (how the training pictures were made square: ``crop``, ``squish`` or ``pad``).
 
-Images of another size must first be brought to that size as ``cifarlab.images.load_image`` does. The graph
+Images of another size must first be brought to that size as ``cifarlab.images.load_image`` does, with the
+fit in ``cifarlab.fit`` (``load_image(path, size, fit=...)``: crop = the centered square, squish = the
+whole picture stretched, pad = aspect kept and the margins reflected; then Lanczos). The graph
 is the plain model in eval mode (dropout off, batchnorm running statistics); flip test-time augmentation
 is not part of it. The file is verified with onnxruntime (when installed) before it is written,
 atomically.
@@ -33,6 +36,7 @@ from .checkpoints import Checkpoint, load_checkpoint
 from .errors import CifarlabError
 from .evaluate import predict_logits
 from .fsutil import atomic_create_bytes, atomic_write_bytes
+from .images import fit_of
 from .temperature import checkpoint_temperature
 from .transforms import Normalization
 
@@ -108,16 +112,19 @@ def _describe(proto, ckpt: Checkpoint, normalization: Normalization) -> None:
 
     arch = ckpt.meta["architecture"].get("name", "custom")
     shape = ", ".join(map(str, input_shape(ckpt)))
+    fit = fit_of(ckpt.meta.get("dataset"))
     proto.producer_name, proto.producer_version = "cifarlab", __version__
     proto.graph.name = arch
     proto.doc_string = (f"cifarlab {arch}: input '{INPUT_NAME}' float32 (N, {shape}) RGB NCHW raw 0..255 "
                         f"pixels (normalization is inside); outputs 'logits' and 'probabilities' (N, "
                         f"{len(ckpt.meta['classes'])}), probabilities = softmax(logits / T) with T in metadata "
-                        f"'cifarlab.temperature'; classes in metadata 'cifarlab.classes'.")
+                        f"'cifarlab.temperature'; classes in metadata 'cifarlab.classes'. Pictures of another "
+                        f"shape: made square by '{fit}' (metadata 'cifarlab.fit'), then Lanczos-resized.")
     meta = {"cifarlab.classes": json.dumps(list(ckpt.meta["classes"])),
             "cifarlab.normalization": json.dumps(normalization.to_dict()),
             "cifarlab.architecture": arch,
             "cifarlab.input": f"{INPUT_NAME}: float32 (N, {shape}), RGB, 0..255",
+            "cifarlab.fit": fit,
             "cifarlab.weights_sha256": str(ckpt.meta.get("weights_sha256", "")),
             "cifarlab.temperature": repr(checkpoint_temperature(ckpt.meta) or 1.0),
             "cifarlab.calibration": json.dumps(ckpt.meta.get("calibration")

@@ -1,6 +1,6 @@
-"""Image files -> the uint8 (3, 32, 32) tensors a CIFAR-10 model takes (for ``predict`` and visualizations).
+"""Image files -> the uint8 (3, S, S) tensors a model takes (for ``predict``, folder datasets and visualizations).
 
-How a file becomes 32x32 RGB, in order:
+How a file becomes S x S RGB (S = 32 for CIFAR models), in order:
 
 1. **Checks before decoding.** The file must exist, be a regular file and be at most ``MAX_FILE_BYTES``.
    Pillow reads only the header first; an image over ``MAX_PIXELS`` (width x height) is refused before
@@ -17,9 +17,22 @@ How a file becomes 32x32 RGB, in order:
    **transparency** (RGBA, LA, PA, or a palette/colour-key ``transparency`` entry) is composited onto
    an opaque **white** background (``BACKGROUND``); floating-point (``F``) and CIELab images are refused.
    Embedded ICC profiles are not applied: values are taken as sRGB.
-5. **Center crop to a square** (the largest centered square; when the cut-off margin is odd, the
-   right/bottom side loses one pixel more), then **resize to 32x32 with Lanczos** (Pillow's Lanczos
-   widens its kernel when shrinking, so it anti-aliases). A 32x32 input passes through unchanged.
+5. **Fit to a square**, one of :data:`FITS` (``fit=``; ``load_image`` defaults to ``"crop"``, folder
+   datasets to :data:`DEFAULT_FIT`), then **Lanczos** (Pillow's Lanczos widens its kernel when
+   shrinking, so it anti-aliases):
+
+   * ``"crop"``: the largest centered square (when the cut-off margin is odd, the right/bottom side
+     loses one pixel more), resized to ``size`` x ``size``. A wide picture loses its sides.
+   * ``"squish"``: the whole picture resized to ``size`` x ``size``, ignoring its aspect ratio
+     (Keras's ``image_dataset_from_directory`` default). Nothing is lost; shapes are stretched.
+   * ``"pad"``: resized so that its longer side is ``size`` (aspect kept; the shorter side becomes
+     ``max(1, round(short x size / long))``), then the shorter side is padded symmetrically to
+     ``size`` with a **reflection** of the picture (numpy ``mode="reflect"``, fastai's default pad
+     mode; the bottom/right side gets one row more when the margin is odd; a 1-pixel-thin result is
+     padded by repeating its edge). Nothing is lost or stretched; the margins are mirrored content.
+
+   A ``size`` x ``size`` input passes through unchanged with every fit, and a square picture comes out
+   the same with every fit.
 
 Every failure raises :class:`cifarlab.errors.ImageError` with the file name and the reason.
 """
@@ -34,34 +47,95 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError
+from .errors import ImageError, short_repr
 
 SIZE = 32
 MAX_PIXELS = 50_000_000          # 50 megapixels: any real photo; a bomb claims far more
 MAX_FILE_BYTES = 256 * 1024 ** 2  # no plausible photo for a 32x32 classifier is bigger
 BACKGROUND = (255, 255, 255)      # transparent pixels are shown on white, as a browser would
 RESAMPLE = Image.Resampling.LANCZOS
+FITS = ("crop", "squish", "pad")  # how a non-square picture becomes a square (module docstring, step 5)
+# The fit a folder dataset uses unless told (--fit). One constant: change it here after measuring
+# (bench/make_odd_folder.py writes CIFAR-10 at random non-square sizes to compare the fits on).
+DEFAULT_FIT = "crop"
+DEFAULT_FIT_WHY = "the behaviour of earlier versions, until the fits are measured"
+LEGACY_FIT = "crop"  # what a run recorded before fits existed used (and CIFAR runs: their images are square)
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
 
 
-def load_image(path: str | Path, size: int = SIZE, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+def load_image(path: str | Path, size: int = SIZE, max_pixels: int = MAX_PIXELS, fit: str = "crop") -> torch.Tensor:
     """Read one image file as a uint8 tensor (3, size, size), converted as the module docstring says."""
+    check_fit(fit)
     path = Path(path)
     _check_file(path)
     with _open(path, max_pixels) as im:
         frame = _decode(im, path)
     rgb = _to_rgb(_upright(frame, path), path)
-    square = center_crop_square(rgb)
-    if square.size != (size, size):
-        square = square.resize((size, size), RESAMPLE)
+    square = fit_square(rgb, size, fit)
     return torch.from_numpy(np.asarray(square, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
-def load_images(paths, size: int = SIZE) -> torch.Tensor:
+def load_images(paths, size: int = SIZE, fit: str = "crop") -> torch.Tensor:
     """Several files -> uint8 (N, 3, size, size); the first bad file raises its ImageError."""
-    return torch.stack([load_image(p, size) for p in paths]) if paths else torch.empty(0, 3, size, size,
-                                                                                         dtype=torch.uint8)
+    return torch.stack([load_image(p, size, fit=fit) for p in paths]) if paths else \
+        torch.empty(0, 3, size, size, dtype=torch.uint8)
+
+
+def check_fit(fit: str) -> str:
+    if fit not in FITS:
+        raise ImageError(f"unknown fit {short_repr(fit)}: use one of {', '.join(FITS)}")
+    return fit
+
+
+def fit_square(im: Image.Image, size: int, fit: str = "crop") -> Image.Image:
+    """An RGB picture as ``size`` x ``size``, by ``fit`` (module docstring, step 5)."""
+    check_fit(fit)
+    w, h = im.size
+    if fit == "crop":
+        square = center_crop_square(im)
+        return square if square.size == (size, size) else square.resize((size, size), RESAMPLE)
+    if fit == "squish" or w == h:
+        return im if im.size == (size, size) else im.resize((size, size), RESAMPLE)
+    return pad_square(im, size)
+
+
+def pad_square(im: Image.Image, size: int) -> Image.Image:
+    """Resize so the longer side is ``size`` (aspect kept), then reflect-pad the shorter side to ``size``."""
+    w, h = im.size
+    long_side, short_side = max(w, h), min(w, h)
+    short = min(size, max(1, int(short_side * size / long_side + 0.5)))
+    target = (size, short) if w > h else (short, size)
+    if im.size != target:
+        im = im.resize(target, RESAMPLE)
+    margin = size - short
+    if not margin:
+        return im
+    before = margin // 2
+    pad = (before, margin - before)
+    widths = (pad, (0, 0), (0, 0)) if w > h else ((0, 0), pad, (0, 0))
+    mode = "reflect" if short > 1 else "edge"  # reflecting needs 2 rows; one row can only be repeated
+    return Image.fromarray(np.pad(np.asarray(im, dtype=np.uint8), widths, mode=mode), "RGB")
+
+
+def fit_of(dataset: dict | None) -> str:
+    """The fit a run's data was prepared with, from a checkpoint's "dataset" entry (``Dataset.describe()``):
+    its identity's ``fit``; runs recorded before fits existed, and CIFAR runs, used ``"crop"``."""
+    identity = (dataset or {}).get("identity") if isinstance(dataset, dict) else None
+    fit = identity.get("fit", LEGACY_FIT) if isinstance(identity, dict) else LEGACY_FIT
+    if fit not in FITS:
+        raise ImageError(f"the run's data was fitted with {short_repr(fit)}, which this version does not know "
+                         f"({', '.join(FITS)})")
+    return fit
+
+
+def header_size(path: str | Path, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) from the file's header, after the same checks as :func:`load_image`; no pixel is
+    decoded. Raises ImageError. (EXIF orientation may swap them; the shorter side is the same.)"""
+    path = Path(path)
+    _check_file(path)
+    with _open(path, max_pixels) as im:
+        return im.size
 
 
 def center_crop_square(im: Image.Image) -> Image.Image:

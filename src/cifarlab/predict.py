@@ -1,7 +1,9 @@
 """``cifarlab predict CHECKPOINT IMAGE...``: the top-k classes of image files, with probabilities.
 
-Each file goes through :func:`cifarlab.images.load_image` (EXIF-upright, RGB on white, center square,
-Lanczos to the checkpoint's image size, 32x32 for CIFAR), then the checkpoint's own normalization, then the model; probabilities are the
+Each file goes through :func:`cifarlab.images.load_image` (EXIF-upright, RGB on white, made square the
+way the checkpoint's training data was (its dataset identity's ``fit``: crop, squish or pad; ``crop``
+for CIFAR runs and runs recorded before fits existed), Lanczos to the checkpoint's image size, 32x32
+for CIFAR), then the checkpoint's own normalization, then the model; probabilities are the
 softmax of the logits (the exercise's last layer), divided first by the checkpoint's temperature when it
 stores one (``cifarlab calibrate``, or training with ``--val-split``): ``softmax(logits / T)``. The
 ranking, so the top-1 class, is the same with or without it. A file that cannot be read is reported by name and
@@ -17,7 +19,7 @@ import torch
 from .checkpoints import Checkpoint, load_checkpoint
 from .errors import ImageError
 from .evaluate import checkpoint_tta, predict_logits
-from .images import load_image
+from .images import fit_of, load_image
 from .temperature import checkpoint_temperature
 from .temperature import probabilities as temperature_probabilities
 from .transforms import Normalization
@@ -39,15 +41,17 @@ def predict_images(ckpt: Checkpoint, images: torch.Tensor, top_k: int = 3, tta: 
 
 
 def predict_files(ckpt: Checkpoint, paths, top_k: int = 3, tta: int | None = None,
-                  device: str | None = None) -> list[dict]:
-    """One entry per file, in order: {"image", "predictions"} or {"image", "error"} for an unreadable one."""
+                  device: str | None = None, fit: str | None = None) -> list[dict]:
+    """One entry per file, in order: {"image", "predictions"} or {"image", "error"} for an unreadable one.
+    ``fit``: how pictures are made square; None (the right choice): as the checkpoint's training data was."""
     from .models import input_shape
 
     size = input_shape(ckpt.meta["architecture"])[-1]
+    fit = fit or fit_of(ckpt.meta.get("dataset"))
     entries, good, tensors = [], [], []
     for path in paths:
         try:
-            tensors.append(load_image(path, size))
+            tensors.append(load_image(path, size, fit=fit))
             good.append(len(entries))
             entries.append({"image": str(path)})
         except ImageError as e:

@@ -57,11 +57,20 @@ class Recipe:
     translate: int = option(0, "random translation by up to N pixels", bounds=(0, 16))
     translate_pad: str = option("zeros", choices=("zeros", "reflect"))
     cutout: int = option(0, "cutout square size", bounds=(0, 32))
+    crop_scale: float = option(0.0, "random resized crop: each training image a random crop of this fraction to all "
+                               "of its area, aspect 3/4..4/3, resized back (0: off)", bounds=(0.0, 1.0))
+    color_jitter: float = option(0.0, "random brightness, contrast and saturation factors in 1 +- this (0: off)",
+                                 bounds=(0.0, 0.9))
     tta: int = option(0, "test-time augmentation: 0 none, 1 flip, 2 flip + 1-pixel translations",
                       bounds=(0, 2))
     seed: int = option(0, bounds=(0, 2 ** 63 - 1))
     val_split: int = option(0, "hold out N training images for validation (default: validate on the test set)",
                             bounds=(0, 10_000_000))
+    # The budget (see cifarlab.budget): adapts batch size, lr and epochs to the data unless given explicitly.
+    min_steps: int = option(0, "budget: at least this many optimizer steps, adding epochs on small datasets "
+                            "unless --epochs is given (0: off)", bounds=(0, 10 ** 9))
+    batch_fraction: float = option(0.0, "budget: batch at most this fraction of the training images (sgd: lr "
+                                   "scaled with it) unless --batch-size is given (0: off)", bounds=(0.0, 1.0))
     # The training doctor (each off by default; each a callback in cifarlab.training.callbacks).
     ema: float = option(0.0, "keep an exponential moving average of the weights with this decay (e.g. 0.999); "
                         "validation and the final model use the averaged weights (0: off)", bounds=(0.0, 0.99999))

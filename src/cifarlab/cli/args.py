@@ -50,6 +50,8 @@ def add_tta_argument(p, default_help: str) -> None:
 
 def add_data_args(p: argparse.ArgumentParser, default_help: str = "cifar10") -> None:
     from ..data import DATASETS
+    from ..data.folder import AUTO_LARGE_FROM, AUTO_SIZES
+    from ..images import DEFAULT_FIT, DEFAULT_FIT_WHY, FITS
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", metavar="SPEC",
@@ -57,8 +59,15 @@ def add_data_args(p: argparse.ArgumentParser, default_help: str = "cifar10") -> 
     g.add_argument("--data-dir", help="the dataset's folder, its parent, or its official .tar.gz archive "
                                       "(default: $CIFARLAB_DATA, then the cache, else download)")
     g.add_argument("--no-download", action="store_true", help="fail instead of downloading the data")
-    g.add_argument("--image-size", type=bounded_int(8, 512), default=32,
-                   help="folder datasets: images are center-cropped and resized to this size (default: 32)")
+    g.add_argument("--image-size", type=bounded_int(8, 512), default=None,
+                   help=f"folder datasets: pictures are made this size square (default: auto, from the photos: "
+                        f"{AUTO_SIZES[1]} when their median shorter side is at least {AUTO_LARGE_FROM} px, else "
+                        f"{AUTO_SIZES[0]}; a checkpoint's data: its own size; CIFAR: 32, the only size)")
+    g.add_argument("--fit", choices=FITS, default=None,
+                   help=f"folder datasets: how a non-square picture becomes square: crop (the centered square; "
+                        f"the sides are lost), squish (all of it, stretched), pad (all of it, aspect kept, "
+                        f"mirrored margins) (default: {DEFAULT_FIT}, {DEFAULT_FIT_WHY}; a checkpoint's data: its "
+                        f"own fit)")
     g.add_argument("--test-fraction", type=bounded_float(0.01, 0.9), default=0.2,
                    help="folder datasets without train/ and test/: the stratified test share (default: 0.2)")
     g.add_argument("--split-seed", type=bounded_int(0, 2 ** 32 - 1), default=0,
@@ -69,17 +78,39 @@ def add_data_args(p: argparse.ArgumentParser, default_help: str = "cifar10") -> 
 
 def load_data(args, stored: dict | None = None, log=print):
     """The dataset the options name, or else the one a checkpoint was trained on (``stored``: its meta's
-    "dataset" entry), or else CIFAR-10. Skipped files are listed."""
-    from ..data import load_dataset
+    "dataset" entry), or else CIFAR-10. Skipped files are listed.
 
-    options = {"image_size": getattr(args, "image_size", 32), "test_fraction": getattr(args, "test_fraction", 0.2),
-               "split_seed": getattr(args, "split_seed", 0)}
+    The checkpoint's own data is loaded as it was: same image size, fit and split. Another folder named
+    with a checkpoint takes the checkpoint's image size and fit unless --image-size/--fit say otherwise
+    (the model was trained on pictures prepared that way). Unset options (None) leave the dataset's own
+    default: the automatic size and DEFAULT_FIT for folders, 32 for CIFAR."""
+    from ..data import load_dataset, parse_spec
+    from ..errors import DataError, ImageError
+    from ..images import fit_of
+
+    size, fit = getattr(args, "image_size", None), getattr(args, "fit", None)
+    test_fraction, split_seed = getattr(args, "test_fraction", 0.2), getattr(args, "split_seed", 0)
     spec = getattr(args, "dataset", None)
-    if not spec and stored:  # the checkpoint's own data, loaded as it was: same size, same split
-        spec = stored.get("spec")
-        identity = stored.get("identity") or {}
-        options = {"image_size": int((stored.get("image_shape") or [32])[-1]),
-                   "test_fraction": identity.get("test_fraction", 0.2), "split_seed": identity.get("seed", 0)}
+    if stored:
+        try:
+            stored_size, stored_fit = int((stored.get("image_shape") or [32])[-1]), fit_of(stored)
+        except (ImageError, TypeError, ValueError) as e:
+            raise DataError(f"the checkpoint's dataset entry cannot be used: {e}") from None
+        if not spec:  # the checkpoint's own data, loaded as it was: same size, same fit, same split
+            spec = stored.get("spec")
+            identity = stored.get("identity") or {}
+            if fit is not None and fit != stored_fit:
+                log(f"note: --fit {fit} ignored: the run's data {spec} was fitted with {stored_fit}")
+            size, fit = stored_size, stored_fit
+            test_fraction, split_seed = identity.get("test_fraction", 0.2), identity.get("seed", 0)
+        elif parse_spec(spec)[0] == "folder":
+            size = stored_size if size is None else size
+            fit = stored_fit if fit is None else fit
+    options = {"test_fraction": test_fraction, "split_seed": split_seed}
+    if size is not None:
+        options["image_size"] = size
+    if fit is not None:
+        options["fit"] = fit
     ds = load_dataset(spec or "cifar10", data_dir=args.data_dir, download=not args.no_download,
                       progress=not getattr(args, "no_progress", False), strict=getattr(args, "strict", False),
                       log=log, **options)

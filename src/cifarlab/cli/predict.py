@@ -12,8 +12,10 @@ from .args import EXIT_ERROR, add_tta_argument, bounded_int
 def register(sub) -> None:
     p = sub.add_parser("predict", help="top-k classes of image files (any size or format)",
                        description="Predict the class of image files. Each is made upright (EXIF), converted "
-                                   "to RGB (transparency on white), center-cropped to a square and resized "
-                                   "to the checkpoint's image size (Lanczos) before the model sees it.")
+                                   "to RGB (transparency on white), made square the way the checkpoint's "
+                                   "training pictures were (center crop, squish or reflect-pad: the run's "
+                                   "--fit; crop for CIFAR and older runs) and resized to the checkpoint's "
+                                   "image size (Lanczos) before the model sees it.")
     p.add_argument("checkpoint", help="a run folder, a checkpoint folder or a .safetensors file")
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (PNG, JPEG, GIF, ...)")
     p.add_argument("--top-k", type=bounded_int(1, 1000), default=3,

@@ -6,10 +6,22 @@ seeded, stratified split sets ``test_fraction`` of each class aside (the split i
 dataset identity, and the run folder keeps the lists of files).
 
 Every file goes through :func:`cifarlab.images.load_image` (checked before decoding, first frame, EXIF
-orientation, RGB, centered square, Lanczos to ``image_size``), in parallel worker processes, once:
+orientation, RGB, made square by ``fit``, Lanczos to ``image_size``), in parallel worker processes, once:
 the decoded uint8 tensors are cached under the cache folder, keyed by the sha256 of every file's
-content, its class and the image size, so a second run starts in seconds and an edited photo is
-decoded again. Hidden files and folders, and files that are not images by their extension
+content, its class, the image size and the fit, so a second run starts in seconds and an edited photo is
+decoded again.
+
+``fit`` (:data:`cifarlab.images.FITS`) is how a non-square photo becomes a square: ``crop`` (the
+centered square), ``squish`` (the whole photo, stretched) or ``pad`` (the whole photo, aspect kept,
+reflection in the margins); default :data:`cifarlab.images.DEFAULT_FIT`.
+
+``image_size=None`` (the default) chooses the size from the photos: the median shorter side of up to
+``AUTO_SAMPLE`` training files, read from their headers only (an evenly spaced, so deterministic, sample
+of the sorted file list). At least ``AUTO_LARGE_FROM`` px gives 64, else 32. Why: 32 px is CIFAR's size
+and trains fast on a CPU, and smaller photos have little more to give; photos of 96 px or more keep
+much more detail at 64 (4x the pixels: shapes a 32x32 thumbnail blurs away), and the fast and airbench
+nets end in a global pool, so they take 64x64 as they are. The size chosen and the fit are part of the
+dataset identity (stored with the run), so evaluate, predict and a resume prepare pictures the same way. Hidden files and folders, and files that are not images by their extension
 (``.DS_Store``, ``Thumbs.db``, notes), are ignored; a file that fails to decode is listed with the
 reason and skipped (``strict=True`` refuses instead).
 """
@@ -33,26 +45,36 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".
 TEST_NAMES = ("test", "val")
 MAX_FILES = 2_000_000
 MAX_IMAGE_SIZE = 512
+AUTO_SAMPLE = 200        # files whose header sizes choose image_size=None ("auto")
+AUTO_LARGE_FROM = 96     # median shorter side (px) from which auto picks AUTO_SIZES[1]
+AUTO_SIZES = (32, 64)
 CACHE_FORMAT = "cifarlab-folder-1"   # bump when decoding changes: old cache entries are then ignored
 
 
-def load(arg: str, data_dir=None, download: bool = True, progress: bool = True, image_size: int = 32,
+def load(arg: str, data_dir=None, download: bool = True, progress: bool = True, image_size: int | None = None,
          test_fraction: float = 0.2, split_seed: int = 0, strict: bool = False, workers: int | None = None,
-         log=None, **options) -> Dataset:
+         log=None, fit: str | None = None, **options) -> Dataset:
     """The registry's entry: ``folder:PATH``."""
     if not arg:
         raise DataError("the folder dataset needs a path: --dataset folder:PATH")
     return load_folder(arg, image_size=image_size, test_fraction=test_fraction, split_seed=split_seed,
-                       strict=strict, workers=workers, log=log)
+                       strict=strict, workers=workers, log=log, fit=fit)
 
 
-def load_folder(path: str | Path, image_size: int = 32, test_fraction: float = 0.2, split_seed: int = 0,
-                strict: bool = False, workers: int | None = None, log=None) -> Dataset:
+def load_folder(path: str | Path, image_size: int | None = None, test_fraction: float = 0.2, split_seed: int = 0,
+                strict: bool = False, workers: int | None = None, log=None, fit: str | None = None) -> Dataset:
+    """The photos under ``path`` as a :class:`Dataset` (module docstring). ``image_size=None``: chosen from
+    the photos; ``fit=None``: :data:`cifarlab.images.DEFAULT_FIT`."""
+    from ..images import DEFAULT_FIT, FITS
+
     root = Path(path).expanduser()
     log = log or (lambda *a, **k: None)
+    fit = DEFAULT_FIT if fit is None else fit
+    if fit not in FITS:
+        raise DataError(f"unknown fit {fit!r}: use one of {', '.join(FITS)}")
     if not root.is_dir():
         raise DataError(f"folder:{root}: no such folder. Expected one subfolder per class (or train/ and test/).")
-    if not 8 <= image_size <= MAX_IMAGE_SIZE:
+    if image_size is not None and not (isinstance(image_size, int) and 8 <= image_size <= MAX_IMAGE_SIZE):
         raise DataError(f"image size {image_size} is outside 8..{MAX_IMAGE_SIZE}")
     if not 0 < test_fraction < 1:
         raise DataError(f"test fraction {test_fraction} must be between 0 and 1")
@@ -69,16 +91,25 @@ def load_folder(path: str | Path, image_size: int = 32, test_fraction: float = 0
     else:
         train_files, test_files = stratified_split(train_files, test_fraction, split_seed)
         split = {"layout": "one tree, split", "test_fraction": test_fraction, "seed": split_seed}
-    content = _content_key(root, train_files, test_files, image_size)
-    decoded = _cached(content) or _decode_and_cache(root, train_files, test_files, image_size, content, workers,
-                                                  log)
+    if image_size is None:
+        image_size, median, sampled = auto_image_size([p for p, _ in train_files])
+        size_from = f"auto: median shorter side {median} px of {sampled} training files" if sampled else \
+            "auto: no readable training file header"
+        log(f"image size {image_size} ({size_from}; >= {AUTO_LARGE_FROM} px gives {AUTO_SIZES[1]}, else "
+            f"{AUTO_SIZES[0]}; --image-size to choose)")
+    else:
+        size_from = "given"
+    content = _content_key(root, train_files, test_files, image_size, fit)
+    decoded = _cached(content) or _decode_and_cache(root, train_files, test_files, image_size, fit, content,
+                                                  workers, log)
     skipped = decoded["skipped"]
     if skipped and strict:
         raise DataError(f"folder:{root}: {len(skipped)} file(s) could not be read (--strict): "
                         + "; ".join(f"{p}: {why}" for p, why in skipped[:5]))
     ds = Dataset(train=decoded["train"], test=decoded["test"], classes=classes, root=root, name="folder",
                  spec=f"folder:{root}",
-                 identity=dict(split, content_sha256=content, image_size=image_size, skipped=len(skipped)),
+                 identity=dict(split, content_sha256=content, image_size=image_size, image_size_from=size_from,
+                               fit=fit, skipped=len(skipped)),
                  notes=[f"skipped {p}: {why}" for p, why in skipped],
                  files={"train": decoded["train_files"], "test": decoded["test_files"]})
     for c, name in enumerate(classes):
@@ -146,11 +177,36 @@ def stratified_split(files: list[tuple[str, int]], test_fraction: float, seed: i
 
 
 # ---------------------------------------------------------------------------------------------------
+# The automatic image size
+
+
+def auto_image_size(paths: list[str], sample: int = AUTO_SAMPLE) -> tuple[int, int | None, int]:
+    """(size, median shorter side in px, files measured) for ``image_size=None``: the header sizes of up to
+    ``sample`` evenly spaced files of ``paths`` (no pixel decoded); unreadable files are left out, and
+    with none readable the size is the small one."""
+    from ..images import header_size
+
+    picked = paths if len(paths) <= sample else [paths[i * len(paths) // sample] for i in range(sample)]
+    shorter = []
+    for path in picked:
+        try:
+            shorter.append(min(header_size(path)))
+        except (ImageError, OSError):
+            continue  # decoding will list it with its reason
+    if not shorter:
+        return AUTO_SIZES[0], None, 0
+    median = int(np.median(shorter))
+    return AUTO_SIZES[1] if median >= AUTO_LARGE_FROM else AUTO_SIZES[0], median, len(shorter)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Decoding, once, cached by content
 
 
-def _content_key(root: Path, train_files, test_files, image_size: int) -> str:
-    digest = hashlib.sha256(f"{CACHE_FORMAT}|{image_size}|".encode())
+def _content_key(root: Path, train_files, test_files, image_size: int, fit: str = "crop") -> str:
+    # "crop" (the only fit before fits existed) keeps the key it had, so earlier runs resume and earlier
+    # cache entries stay valid; another fit is part of the key ("fit=..." never reads as a split name).
+    digest = hashlib.sha256(f"{CACHE_FORMAT}|{image_size}|{'' if fit == 'crop' else f'fit={fit}|'}".encode())
     for split, files in (("train", train_files), ("test", test_files)):
         for path, label in files:
             digest.update(f"{split}|{label}|{os.path.relpath(path, root)}|".encode())
@@ -201,19 +257,20 @@ def _cached(key: str) -> dict | None:
         return None  # a damaged cache entry only costs decoding again
 
 
-def _decode_one(job: tuple[str, int]) -> tuple[np.ndarray | None, str]:
+def _decode_one(job: tuple[str, int, str]) -> tuple[np.ndarray | None, str]:
     from ..images import load_image
 
-    path, size = job
+    path, size, fit = job
     try:
-        return load_image(path, size).numpy(), ""
+        return load_image(path, size, fit=fit).numpy(), ""
     except ImageError as e:
         return None, str(e).removeprefix(f"{path}: ")
 
 
-def _decode_all(paths: list[str], size: int, workers: int | None) -> list[tuple[np.ndarray | None, str]]:
+def _decode_all(paths: list[str], size: int, workers: int | None, fit: str = "crop") \
+        -> list[tuple[np.ndarray | None, str]]:
     workers = workers or min(os.cpu_count() or 1, 8)
-    jobs = [(p, size) for p in paths]
+    jobs = [(p, size, fit) for p in paths]
     if workers <= 1 or len(jobs) < 64:
         return [_decode_one(j) for j in jobs]
     import multiprocessing
@@ -223,12 +280,12 @@ def _decode_all(paths: list[str], size: int, workers: int | None) -> list[tuple[
         return list(pool.map(_decode_one, jobs, chunksize=max(16, len(jobs) // (workers * 16))))
 
 
-def _decode_and_cache(root: Path, train_files, test_files, size: int, key: str, workers, log) -> dict:
+def _decode_and_cache(root: Path, train_files, test_files, size: int, fit: str, key: str, workers, log) -> dict:
     import time
 
     start = time.perf_counter()
     everything = train_files + test_files
-    results = _decode_all([p for p, _ in everything], size, workers)
+    results = _decode_all([p for p, _ in everything], size, workers, fit)
     out, skipped = {}, []
     for split, files, offset in (("train", train_files, 0), ("test", test_files, len(train_files))):
         images, labels, kept = [], [], []
@@ -243,7 +300,7 @@ def _decode_and_cache(root: Path, train_files, test_files, size: int, key: str, 
         out[split] = Split(x, torch.tensor(labels, dtype=torch.int64))
         out[f"{split}_files"] = kept
     out["skipped"] = skipped
-    log(f"decoded {len(everything):,} images from {root} in {time.perf_counter() - start:.1f} s "
+    log(f"decoded {len(everything):,} images from {root} ({size}x{size}, fit {fit}) in {time.perf_counter() - start:.1f} s "
         f"({len(skipped)} skipped); cached for the next run")
     _write_cache(key, out)
     return out

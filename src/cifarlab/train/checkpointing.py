@@ -41,7 +41,7 @@ class Checkpointer(Callback):
         if not (t.finished and t.dist.is_main):
             return
         meta = {**self.base_meta, "epoch": t.epoch, "history": t.history,
-                "metrics": t.history[-1] if t.history else {}, "train_seconds": t.seconds(), **t.final_meta}
+                "metrics": t.history[-1] if t.history else {}, "train_seconds": t.train_seconds, **t.final_meta}
         ckpts.save_checkpoint(self.run_dir / "final", t.eval_model, meta)
 
     def save(self, t: Trainer) -> Path | None:

@@ -77,14 +77,17 @@ class Trainer:
         if self.spe == 0:
             raise ValueError(f"batch size {recipe.batch_size} x {dist.world} processes is larger than the "
                              f"{self.n} training images")
-        self.augment = Augment(recipe.flip, recipe.translate, recipe.cutout, recipe.translate_pad)
+        self.augment = Augment.from_recipe(recipe)
         self.autocast = autocast(device, precision)
         self.scaler = grad_scaler(device, precision)  # fp16 only (GPUs before compute capability 8.0)
         self.callbacks: list[Callback] = []
         self._handlers: dict[str, list] = {event: [] for event in EVENTS}
         # Where the run stands: the next step to take (a checkpoint restores all of these).
         self.epoch, self.step, self.history, self.partial = 0, 0, [], {}
+        self.train_seconds = 0.0
         self.stop, self.finished, self.checkpoint_now = None, False, False
+        self.interrupt_requested = False  # set by a signal handler; folded into stop where ranks agree
+        self.same_tta_every_epoch = False  # early stopping compares epochs: validate all at the recipe's TTA
         self.steps_done, self.started = 0, time.perf_counter()
         self.batch = self.loss = self.logits = self.row = self.checkpoint_path = None
         self.partial_sums: dict = {}
@@ -123,7 +126,7 @@ class Trainer:
         idx = batch_indices(order, step, self.recipe.batch_size, self.dist.rank, self.dist.world)
         x = self.normalization(self.images[idx])
         if self.augment.active:
-            x = self.augment(x, flip_mask=None if flips is None else flips[idx])
+            x = self.augment(x, flip_mask=None if flips is None else flips[idx], normalization=self.normalization)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, self.labels[idx]
@@ -157,8 +160,8 @@ class Trainer:
 
     def fit(self) -> None:
         self.started = time.perf_counter()
-        self.fire("fit_start")
         try:
+            self.fire("fit_start")
             while self.epoch < self.recipe.epochs and self.stop is None:
                 if not self._train_epoch():
                     break  # stopped part-way through the epoch, at a checkpoint
@@ -170,8 +173,9 @@ class Trainer:
             self.finished = self.stop != "interrupt" and (self.epoch == self.recipe.epochs
                                                           or self.stop == "early_stop")
         finally:
+            self.train_seconds = self.seconds()  # the loop's time, before fit_end's work (temperature, saving)
             self.fire("fit_end")
-        if self.stop == "interrupt":
+        if self.stop == "interrupt" and not self.finished:
             raise TrainingInterrupted(self.checkpoint_path)
 
     def _train_epoch(self) -> bool:
@@ -220,7 +224,7 @@ class Trainer:
         if self.dist.is_main:
             # TTA level 2 costs six passes per image: each epoch's check uses at most flip TTA, the last
             # epoch the recipe's own level (so the final row is the final model's accuracy).
-            last = self.epoch + 1 == self.recipe.epochs
+            last = self.epoch + 1 == self.recipe.epochs or self.same_tta_every_epoch
             logits = self.validation_logits(self.recipe.tta if last else min(self.recipe.tta, 1))
             self.row["val_loss"] = float(F.cross_entropy(logits, self.val_split.labels))
             self.row["val_acc"] = float((logits.argmax(1) == self.val_split.labels).float().mean())
@@ -233,9 +237,10 @@ class Trainer:
                               precision=resolve_precision("auto", self.device, training=False))
 
     def _agree_on_stop(self) -> None:
-        """Every rank takes the strongest stop any rank asked for (a signal may reach only some)."""
-        if self.dist.world > 1:
-            self.stop = STOP_REASONS[max_over_ranks(STOP_REASONS.index(self.stop), self.dist)]
+        """The only place ``stop`` changes after a signal: every rank takes the strongest stop any rank asked
+        for (a signal may reach only some), so all ranks leave the loop at the same step."""
+        local = "interrupt" if self.interrupt_requested else self.stop
+        self.stop = STOP_REASONS[max_over_ranks(STOP_REASONS.index(local), self.dist)]
 
     def _checkpoint(self, partial: dict) -> None:
         self.partial_sums = partial

@@ -23,19 +23,9 @@ from ..models import Net, Whiten, get_declaration
 from ..precision import resolve_precision
 from ..recipes import Recipe
 from ..transforms import Normalization
-from .callbacks.adaptive_threads import AdaptiveThreadsCallback
-from .callbacks.calibrate import FitTemperature
-from .callbacks.console import ConsoleProgress
-from .callbacks.diagnosis import Diagnose
-from .callbacks.early_stopping import EarlyStopping
-from .callbacks.ema import EMA
-from .callbacks.lookahead import Lookahead
-from .callbacks.metrics_csv import MetricsCSV
-from .callbacks.mix import MixBatches
-from .callbacks.stopping import MaxSteps, StopOnSignal
-from .callbacks.tensorboard import TensorBoard
-from .callbacks.whiten_bias import WhitenBiasEpochs
-from .checkpointing import Checkpointer, resume
+from .callbacks import CALLBACKS, Context
+from .callbacks.whiten_bias import whitening_biases
+from .checkpointing import resume
 from .distributed import DistInfo, dist_info
 from .loop import Callback, Trainer
 from .options import RunOptions
@@ -91,7 +81,7 @@ def train(recipe: Recipe, data: Dataset, run_dir: str | Path, options: RunOption
             log(describe(t, adaptive))
             t.fit()
             return TrainResult(run_dir=run_dir, model=t.eval_model, history=t.history, normalization=t.normalization,
-                               classes=list(data.classes), val_source=t.val_source, seconds=t.seconds(),
+                               classes=list(data.classes), val_source=t.val_source, seconds=t.train_seconds,
                                meta=base_meta)
     finally:
         torch.set_num_threads(threads_before)
@@ -134,39 +124,11 @@ def build_model(recipe: Recipe, data: Dataset, train_split, normalization: Norma
     return model
 
 
-def whitening_biases(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [m.bias for m in model.modules() if isinstance(m, Whiten)]
-
-
 def callbacks_for(t: Trainer, options: RunOptions, run_dir: Path, base_meta: dict, data: Dataset, adaptive: bool,
                   log) -> list[Callback]:
-    """The callbacks the recipe and the options ask for (the order of events is each callback's ``order``)."""
-    recipe = t.recipe
-    mixed = bool(recipe.mixup or recipe.cutmix)
-    chosen: list[Callback] = [StopOnSignal(), ConsoleProgress(log, bar=options.progress, mixed_batches=mixed),
-                              MetricsCSV(run_dir / "metrics.csv")]
-    if whitening_biases(t.model):
-        chosen.append(WhitenBiasEpochs(whitening_biases(t.model), recipe.whiten_bias_epochs))
-    if recipe.lookahead:
-        chosen.append(Lookahead(t.model, recipe.lookahead, recipe.epochs * t.spe))
-    if mixed:
-        chosen.append(MixBatches(data.num_classes, recipe.mixup, recipe.cutmix))
-    if recipe.ema:
-        chosen.append(EMA(t.model, recipe.ema))
-    if recipe.early_stop:
-        chosen.append(EarlyStopping(t.model, recipe.early_stop, log))
-    if adaptive:
-        chosen.append(AdaptiveThreadsCallback(torch.get_num_threads(), log))
-    if options.max_steps:
-        chosen.append(MaxSteps(options.max_steps))
-    if options.tensorboard:
-        chosen.append(TensorBoard(run_dir / "tensorboard", log))
-    if recipe.val_split:  # temperature scaling on the held-out training images, never the test set
-        chosen.append(FitTemperature(log))
-    if options.diagnose:
-        chosen.append(Diagnose(t.val_source, mixed, log))
-    chosen.append(Checkpointer(run_dir, base_meta, options.checkpoint_every, options.keep_checkpoints))
-    return chosen
+    """The callbacks the recipe and the options ask for: every entry of the registry that returns one."""
+    context = Context(t, t.recipe, options, run_dir, base_meta, data, adaptive, log)
+    return [cb for make in CALLBACKS.values() if (cb := make(context)) is not None]
 
 
 def run_meta(t: Trainer, data: Dataset, threads) -> dict:

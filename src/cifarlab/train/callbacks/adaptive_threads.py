@@ -10,8 +10,11 @@ from ..loop import Callback
 
 class AdaptiveThreadsCallback(Callback):
     def __init__(self, max_threads: int, log=print):
-        self.max_threads, self.log = max_threads, log
-        self.policy = AdaptiveThreads(max_threads, log=log)
+        self.max_threads, self.log, self.policy = max_threads, log, None
+
+    def fit_start(self, t) -> None:
+        # Built here, not before: the policy starts at one thread, and resume and set-up should not.
+        self.policy = AdaptiveThreads(self.max_threads, log=self.log)
 
     def after_step(self, t) -> None:
         self.policy.step_done(len(t.batch[1]))
@@ -23,5 +26,6 @@ class AdaptiveThreadsCallback(Callback):
         self.policy.pause()
 
     def fit_end(self, t) -> None:
-        self.log(self.policy.describe())
+        if self.policy is not None:
+            self.log(self.policy.describe())
         torch.set_num_threads(self.max_threads)

@@ -13,7 +13,7 @@ class Diagnose(Callback):
         self.val_source, self.mixed_batches, self.log = val_source, mixed_batches, log
 
     def fit_end(self, t) -> None:
-        if not (t.dist.is_main and t.history and t.stop != "interrupt"):
+        if not (t.dist.is_main and t.history and t.finished):
             return
         findings = diagnose(t.history, val_size=len(t.val_split), val_source=self.val_source,
                             mixed_batches=self.mixed_batches)

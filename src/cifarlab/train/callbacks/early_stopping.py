@@ -26,6 +26,14 @@ class EarlyStopping(Callback):
         self.best_epoch, self.wait = 0, 0
         self.weights: dict[str, torch.Tensor] | None = None
 
+    def fit_start(self, t) -> None:
+        t.same_tta_every_epoch = True  # the epochs it compares must be measured alike
+        if self.best_epoch > len(t.history):
+            raise ValueError(f"the checkpoint's early-stopping state is damaged: best epoch {self.best_epoch} is past "
+                             f"the {len(t.history)} epochs run")
+        if self.best is not None and self.wait >= self.patience:
+            t.stop = "early_stop"  # it had stopped before the run was interrupted: finish, do not train on
+
     def eval_end(self, t) -> None:
         if not t.dist.is_main:
             return
@@ -38,7 +46,7 @@ class EarlyStopping(Callback):
         if self.wait >= self.patience and t.epoch + 1 < t.recipe.epochs:
             self.log(f"  early stop: validation accuracy has not improved for {self.wait} epochs (best "
                      f"{self.best:.4f} at epoch {self.best_epoch})")
-            t.stop = "early_stop"
+            t.stop = t.stop or "early_stop"
 
     def fit_end(self, t) -> None:
         if not (t.finished and t.dist.is_main and self.weights is not None):

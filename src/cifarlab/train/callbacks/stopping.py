@@ -13,9 +13,9 @@ class StopOnSignal(Callback):
 
     def fit_start(self, t) -> None:
         def handler(signum, frame):
-            if t.stop == "interrupt":  # second Ctrl-C: give up waiting
+            if t.interrupt_requested:  # second Ctrl-C: give up waiting
                 raise KeyboardInterrupt
-            t.stop = "interrupt"
+            t.interrupt_requested = True  # the loop stops at its next agreement point
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:

@@ -11,3 +11,9 @@ class WhitenBiasEpochs(Callback):
     def epoch_start(self, t) -> None:
         for bias in self.biases:
             bias.requires_grad_(t.epoch < self.epochs)
+
+
+def whitening_biases(model) -> list:
+    from ...models import Whiten
+
+    return [m.bias for m in model.modules() if isinstance(m, Whiten)]
