@@ -157,7 +157,24 @@ def _link_or_copy(src, dst) -> None:
 # Loading
 
 
-def _read_safetensors(path: Path, max_bytes: int = MAX_WEIGHTS_BYTES) -> tuple[dict[str, torch.Tensor], dict]:
+def read_safetensors_header(path: Path, max_bytes: int = MAX_WEIGHTS_BYTES) -> dict:
+    """The ``__metadata__`` of a safetensors file, reading only its header (type and size checked first)."""
+    V.check_regular_file(path, max_bytes, "file", CheckpointError)
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if not 2 <= length <= min(100 << 20, max_bytes):
+                raise ValueError(f"header length {length}")
+            header = V.parse_json(f.read(length), path, CheckpointError)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({e}); it is truncated or damaged.") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a valid safetensors file (its header is not an object).")
+    meta = header.get("__metadata__") or {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def read_safetensors(path: Path, max_bytes: int = MAX_WEIGHTS_BYTES) -> tuple[dict[str, torch.Tensor], dict]:
     # A FIFO, a device (a symlink to /dev/urandom) or a huge sparse file is refused before any read.
     data = V.read_bounded(path, max_bytes, "file", CheckpointError)
     try:
@@ -224,7 +241,7 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu", allow_pickle: b
     if not weights.exists():
         raise CheckpointError(f"{path}: no checkpoint there (expected a run folder, a checkpoint folder "
                               f"with {MODEL_FILE}, or a .safetensors file).")
-    tensors, header_meta = _read_safetensors(weights)
+    tensors, header_meta = read_safetensors(weights)
     meta_path = weights.parent / META_FILE
     if weights.name == MODEL_FILE and (meta_path.exists() or meta_path.is_symlink()):
         meta = _parse_meta(V.read_bounded(meta_path, V.MAX_JSON_BYTES, "metadata", CheckpointError), str(meta_path))
@@ -249,7 +266,7 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu", allow_pickle: b
 
 def _load_train_state(state_path: Path) -> tuple[dict, dict]:
     """The training-state header and tensors, checksummed and validated field by field."""
-    opt, opt_meta = _read_safetensors(state_path, MAX_STATE_BYTES)
+    opt, opt_meta = read_safetensors(state_path, MAX_STATE_BYTES)
     if weights_sha256(opt) != opt_meta.get("optimizer_sha256"):
         raise CheckpointError(f"{state_path}: optimizer state checksum mismatch; the file is damaged.")
     if "cifarlab_train_state" not in opt_meta:

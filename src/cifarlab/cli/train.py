@@ -66,6 +66,7 @@ def train_command(args, evaluate_after: bool) -> int:
     import torch
 
     from .. import rundir
+    from ..budget import fit_budget
     from ..devices import resolve_device
     from ..train import TrainingInterrupted, dist_info, train
 
@@ -92,6 +93,10 @@ def train_command(args, evaluate_after: bool) -> int:
                 raise CifarlabError(f"--train-subset {subset} is more than the {len(data.train):,} training "
                                     f"images of {data.spec}")
             data = data.with_train(data.train.subset(slice(0, subset)), f"first {subset}")
+        if not stored:  # a new run: the preset's budget adapts what was not given to the data's size
+            recipe, plan = fit_budget(recipe, len(data.train), explicit=given_recipe_fields(args))
+            if plan.changes:
+                log(f"the preset's budget for {len(data.train):,} training images: {'; '.join(plan.changes)}")
         try:
             result = train(recipe, data, run_dir, replace(options, device=device), log=log)
         except TrainingInterrupted as e:
@@ -110,6 +115,15 @@ def train_command(args, evaluate_after: bool) -> int:
         if evaluate_after and (run_dir / "final").exists():
             evaluate_and_report(args, run_dir, data, recipe.seed, log)
     return 0
+
+
+def given_recipe_fields(args) -> set[str]:
+    """The recipe fields given on the command line (the budget never changes them)."""
+    from dataclasses import fields
+
+    from ..recipes import Recipe
+
+    return {f.name for f in fields(Recipe) if getattr(args, f.name, None) is not None}
 
 
 def stored_run(run_dir: Path) -> dict | None:

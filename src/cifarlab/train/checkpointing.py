@@ -103,6 +103,8 @@ def resume(t: Trainer, run_dir: Path, base_meta: dict) -> bool:
         return False
     check_position(ckpt.train_state, t.recipe.epochs, t.spe, ckpt.path, CheckpointError)
     t.model.load_state_dict(ckpt.model.state_dict())
+    if "init_from" in ckpt.meta:  # where its first weights came from, for the final model's meta
+        base_meta["init_from"] = ckpt.meta["init_from"]
     if "normalization" in ckpt.meta:  # exactly the statistics the run started with
         t.normalization = Normalization.from_dict(ckpt.meta["normalization"])
         base_meta["normalization"] = t.normalization.to_dict()

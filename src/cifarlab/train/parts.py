@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from ..finetune import layer_group_scales
 from ..optimizers import make_muon
 from ..recipes import Recipe
 
@@ -14,15 +15,30 @@ def make_optimizer(recipe: Recipe, model: torch.nn.Module, foreach: bool = True)
     """The recipe's optimizer. ``foreach``: PyTorch's multi-tensor implementation (one kernel per operation
     for all parameters instead of one per parameter; PyTorch picks it on CUDA only). Bitwise the same
     updates as the per-parameter loop (tests/test_optimizers_foreach.py) with fewer small ops per step."""
-    params = [p for p in model.parameters() if p.requires_grad]
     if recipe.optimizer == "muon":  # Muon on the conv filters, SGD on the rest (airbench94_muon)
         return make_muon(recipe, model)
+    groups = sgd_groups(recipe, model) if recipe.optimizer == "sgd" else \
+        [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    if recipe.lr_mult != 1.0:  # fine-tuning: earlier layers learn more slowly (see cifarlab.finetune)
+        groups = discriminative_groups(groups, layer_group_scales(model, recipe.lr_mult))
     if recipe.optimizer == "sgd":
-        return torch.optim.SGD(sgd_groups(recipe, model), lr=recipe.lr, momentum=recipe.momentum,
-                               nesterov=recipe.nesterov, foreach=foreach)
+        return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov,
+                               foreach=foreach)
     cls = {"adamax": torch.optim.Adamax, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[recipe.optimizer]
     # eps=1e-8: Keras 2.0.6's Adamax default, the exercise's (and PyTorch's) value.
-    return cls(params, lr=recipe.lr, weight_decay=recipe.weight_decay, eps=1e-8, foreach=foreach)
+    return cls(groups, lr=recipe.lr, weight_decay=recipe.weight_decay, eps=1e-8, foreach=foreach)
+
+
+def discriminative_groups(groups: list[dict], scales: dict[int, float]) -> list[dict]:
+    """Each group split by its parameters' lr factors; a part's lr_scale is the group's times the factor."""
+    split = []
+    for group in groups:
+        by_factor: dict[float, list] = {}
+        for p in group["params"]:
+            by_factor.setdefault(scales[id(p)], []).append(p)
+        for factor, params in sorted(by_factor.items()):
+            split.append(dict(group, params=params, lr_scale=group.get("lr_scale", 1.0) * factor))
+    return split
 
 
 def sgd_groups(recipe: Recipe, model: torch.nn.Module) -> list[dict]:

@@ -14,10 +14,13 @@ from pathlib import Path
 
 import torch
 
+from .. import checkpoints as ckpts
 from .. import memory, rundir
+from ..budget import Plan
 from ..data import Dataset, holdout_split
 from ..devices import resolve_device
 from ..errors import TrainingError
+from ..finetune import InitReport, init_model
 from ..fsutil import atomic_write_json
 from ..models import Net, Whiten, get_declaration
 from ..precision import resolve_precision
@@ -54,6 +57,9 @@ def train(recipe: Recipe, data: Dataset, run_dir: str | Path, options: RunOption
     """
     options = replace(options or RunOptions(), **option_values).validate()
     recipe.validate()
+    if recipe.freeze_epochs and dist_info().world > 1:
+        raise TrainingError("--freeze-epochs is not supported data-parallel (DDP fixes which parameters train when "
+                            "it starts); fine-tune in one process.")
     if data.eval_only:
         raise TrainingError(f"{data.spec or data.name} is an evaluation-only dataset (no training images); train on "
                             f"another dataset and evaluate on this one (cifarlab evaluate RUN --on {data.spec}).")
@@ -69,9 +75,13 @@ def train(recipe: Recipe, data: Dataset, run_dir: str | Path, options: RunOption
         # Rank 0 owns the folder (an exclusive lock for the whole run); a new run needs it missing or empty.
         with rundir.claim(run_dir, options.resume) if dist.is_main else contextlib.nullcontext():
             t = prepare(recipe, data, device, resolve_precision(options.precision, device), channels_last, dist, log)
+            init = initialize(t, data, log) if recipe.init_from and not (
+                options.resume and ckpts.checkpoint_dirs(run_dir)) else None
             adaptive = options.adaptive_threads and not options.threads and device.type == "cpu" \
                 and dist.world == 1 and threads_before > 1
             base_meta = run_meta(t, data, "adaptive" if adaptive else torch.get_num_threads())
+            if init is not None:
+                base_meta["init_from"] = init.to_dict()
             t.add_callbacks([*callbacks_for(t, options, run_dir, base_meta, data, adaptive, log), *callbacks])
             if options.resume:
                 resume(t, run_dir, base_meta)
@@ -105,6 +115,16 @@ def prepare(recipe: Recipe, data: Dataset, device: torch.device, precision: str,
                 channels_last=channels_last, dist=dist, log=log)
     t.val_source = val_source
     return t
+
+
+def initialize(t: Trainer, data: Dataset, log) -> InitReport:
+    """Load ``--init-from`` weights into the fresh model (matching names and shapes); a cifarlab source's
+    normalization replaces the run's own, since its weights expect it."""
+    report = init_model(t.model, t.recipe.init_from, classes=list(data.classes))
+    if report.normalization:
+        t.normalization = Normalization.from_dict(report.normalization)
+    log(report.table())
+    return report
 
 
 def build_model(recipe: Recipe, data: Dataset, train_split, normalization: Normalization, dist: DistInfo,
@@ -171,10 +191,12 @@ def describe(t: Trainer, adaptive: bool) -> str:
                                                                         ("mixup", t.recipe.mixup),
                                                                         ("cutmix", t.recipe.cutmix)) if value]
     processes = f" x {t.dist.world} processes" if t.dist.world > 1 else ""
+    plan = Plan(t.n, recipe.batch_size, recipe.epochs, t.spe)
+    warning = None if recipe.init_from else plan.warning()  # the warning is about nets from scratch
     return (f"training {t.model.declaration['name']} ({t.model.num_parameters():,} parameters) on {t.device}, "
             f"{torch.get_num_threads()} threads{' (adaptive)' if adaptive else ''}, {t.precision}; {t.n:,} images, "
             f"batch {recipe.batch_size}{processes}, {recipe.epochs} epochs; validation: {t.val_source}"
-            + (f"; {', '.join(doctor)}" if doctor else ""))
+            + (f"; {', '.join(doctor)}" if doctor else "") + f"\n{plan.describe()}" + (f"\n{warning}" if warning else ""))
 
 
 def _maybe_compile(model, log):

@@ -19,6 +19,7 @@ from .console import ConsoleProgress
 from .diagnosis import Diagnose
 from .early_stopping import EarlyStopping
 from .ema import EMA
+from .freeze import FreezeBody
 from .lookahead import Lookahead
 from .metrics_csv import MetricsCSV
 from .mix import MixBatches
@@ -50,6 +51,7 @@ CALLBACKS: dict[str, Callable[[Context], Callback | None]] = {
     "metrics_csv": lambda c: MetricsCSV(c.run_dir / "metrics.csv"),
     "whiten_bias": lambda c: WhitenBiasEpochs(whitening_biases(c.t.model), c.recipe.whiten_bias_epochs)
     if whitening_biases(c.t.model) else None,
+    "freeze": lambda c: FreezeBody(c.t.model, c.recipe.freeze_epochs, c.log) if c.recipe.freeze_epochs else None,
     "lookahead": lambda c: Lookahead(c.t.model, c.recipe.lookahead, c.recipe.epochs * c.t.spe)
     if c.recipe.lookahead else None,
     "mix": lambda c: MixBatches(c.data.num_classes, c.recipe.mixup, c.recipe.cutmix) if c.mixed else None,
