@@ -3,8 +3,8 @@
 Writes the first N training images and the first M test images of CIFAR-10 (binary version) in the
 ImageFolder layout, ``OUT/train/<class>/NNNNN.png`` and ``OUT/test/<class>/NNNNN.png``, each resized
 (Pillow Lanczos, so upscaled: CIFAR's images are 32x32) to a random non-square size: width and height
-drawn independently and uniformly from MIN..MAX px (default 32..160), seeded, so the same command
-writes the same files. PNG is lossless, so only the resizing changes the pixels. ``OUT/manifest.json``
+drawn independently and uniformly from MIN..MAX px (default 32..160; a height equal to its width is
+drawn again), seeded, so the same command writes the same files. PNG is lossless, so only the resizing changes the pixels. ``OUT/manifest.json``
 records the parameters and every file's size.
 
 The true content of each picture is the whole 32x32 image, stretched: ``--fit squish`` recovers it
@@ -66,6 +66,8 @@ def write_split(out: Path, split: str, images: np.ndarray, labels: np.ndarray, c
     for name in classes:
         (out / split / name).mkdir(parents=True, exist_ok=True)
     sizes = rng.integers(lo, hi + 1, size=(len(images), 2))  # (width, height), independent
+    while lo < hi and (same := sizes[:, 0] == sizes[:, 1]).any():  # non-square: draw those heights again
+        sizes[same, 1] = rng.integers(lo, hi + 1, size=int(same.sum()))
     written = []
     for i, (img, label, (w, h)) in enumerate(zip(images, labels.tolist(), sizes.tolist())):
         picture = Image.fromarray(np.ascontiguousarray(img.transpose(1, 2, 0)))
@@ -108,7 +110,7 @@ def main(argv=None) -> int:
         files += write_split(args.out, split, images, labels, classes, rng, args.min, args.max)
     shorter = [min(f["width"], f["height"]) for f in files if f["file"].startswith("train/")]
     manifest = {"source": str(data_dir.resolve()), "train": args.train, "test": args.test,
-                "sizes": f"width and height uniform in {args.min}..{args.max}, independent", "seed": args.seed,
+                "sizes": f"width and height uniform in {args.min}..{args.max}, independent, never equal", "seed": args.seed,
                 "resample": "PIL Lanczos", "median_train_shorter_side": float(np.median(shorter)), "files": files}
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     print(f"wrote {args.train:,} training and {args.test:,} test pictures to {args.out} in "

@@ -126,7 +126,8 @@ def test_auto_size_is_32_for_32x32_pngs_and_recorded(tmp_path, monkeypatch):
     for name in ("a", "b"):
         (tmp_path / "tiny" / name).mkdir(parents=True)
         for i in range(5):
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "tiny" / name / f"{i}.png")
+            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "tiny" / name / f"{i}.png")
     lines = []
     ds = load_dataset(f"folder:{tmp_path / 'tiny'}", log=lines.append)
     assert ds.image_shape == (3, 32, 32) and ds.identity["image_size"] == 32

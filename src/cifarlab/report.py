@@ -53,11 +53,11 @@ def _load_inputs(run_dir: Path, ckpt, data, log):
 
         ckpt = load_checkpoint(run_dir)
     if data is None:
-        from .data import load_dataset
+        from .data import load_stored
 
-        spec = (ckpt.meta.get("dataset") or {}).get("spec", "cifar10")
-        log(f"loading {spec} for the report")
-        data = load_dataset(spec, download=False, progress=False)
+        entry = ckpt.meta.get("dataset") or {}
+        log(f"loading {entry.get('spec', 'cifar10')} for the report")
+        data = load_stored(entry)  # the same size and fit the model was trained on
     return ckpt, data
 
 

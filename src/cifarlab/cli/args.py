@@ -84,25 +84,20 @@ def load_data(args, stored: dict | None = None, log=print):
     with a checkpoint takes the checkpoint's image size and fit unless --image-size/--fit say otherwise
     (the model was trained on pictures prepared that way). Unset options (None) leave the dataset's own
     default: the automatic size and DEFAULT_FIT for folders, 32 for CIFAR."""
-    from ..data import load_dataset, parse_spec
-    from ..errors import DataError, ImageError
-    from ..images import fit_of
+    from ..data import load_dataset, parse_spec, stored_options
 
     size, fit = getattr(args, "image_size", None), getattr(args, "fit", None)
     test_fraction, split_seed = getattr(args, "test_fraction", 0.2), getattr(args, "split_seed", 0)
     spec = getattr(args, "dataset", None)
     if stored:
-        try:
-            stored_size, stored_fit = int((stored.get("image_shape") or [32])[-1]), fit_of(stored)
-        except (ImageError, TypeError, ValueError) as e:
-            raise DataError(f"the checkpoint's dataset entry cannot be used: {e}") from None
+        kept = stored_options(stored)
+        stored_size, stored_fit = kept["image_size"], kept["fit"]
         if not spec:  # the checkpoint's own data, loaded as it was: same size, same fit, same split
             spec = stored.get("spec")
-            identity = stored.get("identity") or {}
             if fit is not None and fit != stored_fit:
                 log(f"note: --fit {fit} ignored: the run's data {spec} was fitted with {stored_fit}")
             size, fit = stored_size, stored_fit
-            test_fraction, split_seed = identity.get("test_fraction", 0.2), identity.get("seed", 0)
+            test_fraction, split_seed = kept["test_fraction"], kept["split_seed"]
         elif parse_spec(spec)[0] == "folder":
             size = stored_size if size is None else size
             fit = stored_fit if fit is None else fit

@@ -31,7 +31,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from .. import pipeline
     from ..checkpoints import load_checkpoint
-    from ..data import load_dataset
+    from ..data import load_dataset, parse_spec, stored_options
 
     if args.device:
         from ..devices import resolve_device
@@ -43,7 +43,10 @@ def run(args) -> int:
         pipeline.check_compatible(ckpt, data, args.model)
     source = Path(args.checkpoint)
     out = Path(args.out) if args.out else (source if source.is_dir() else source.parent) / "eval"
-    shifted = [load_dataset(spec, download=not args.no_download, progress=not args.json) for spec in args.on]
+    # A shifted folder is fitted to the size and in the way the model was trained on.
+    fitted = {k: v for k, v in stored_options(ckpt.meta.get("dataset") or {}).items() if k in ("image_size", "fit")}
+    shifted = [load_dataset(spec, download=not args.no_download, progress=not args.json,
+                            **(fitted if parse_spec(spec)[0] == "folder" else {})) for spec in args.on]
     ev, files = pipeline.evaluate_to_folder(ckpt, data, out, seed=args.seed, tta=args.tta, device=args.device,
                                             shifted=shifted, tta_below=args.tta_below)
     results = json.loads(Path(files["results"]).read_text())

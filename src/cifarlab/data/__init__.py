@@ -60,5 +60,26 @@ def load_dataset(spec: str = "cifar10", data_dir=None, download: bool = True, pr
     return DATASETS[name].load(arg, data_dir=data_dir, download=download, progress=progress, **options)
 
 
+def stored_options(entry: dict) -> dict:
+    """The loading options a checkpoint's "dataset" entry was made with (image size, fit, split), so the
+    same pictures come back: a folder is fitted to the size and in the way the model was trained on.
+    Raises DataError for an entry that cannot be used."""
+    from ..errors import DataError, ImageError
+    from ..images import fit_of
+
+    identity = entry.get("identity") or {}
+    try:
+        return {"image_size": int((entry.get("image_shape") or [32])[-1]), "fit": fit_of(entry),
+                "test_fraction": identity.get("test_fraction", 0.2), "split_seed": identity.get("seed", 0)}
+    except (ImageError, TypeError, ValueError) as e:
+        raise DataError(f"the checkpoint's dataset entry cannot be used: {e}") from None
+
+
+def load_stored(entry: dict, data_dir=None, download: bool = False, progress: bool = False, **kwargs) -> Dataset:
+    """The dataset a checkpoint was trained on (its meta's "dataset" entry), loaded as it was."""
+    return load_dataset(entry.get("spec") or "cifar10", data_dir=data_dir, download=download, progress=progress,
+                        **stored_options(entry), **kwargs)
+
+
 __all__ = ["Dataset", "Split", "CIFAR10", "DATASETS", "DatasetEntry", "register_dataset", "load_dataset",
-           "parse_spec", "load_cifar10", "load_cifar100", "load_folder", "holdout_split", "cache_dir", "md5_of"]
+           "parse_spec", "stored_options", "load_stored", "load_cifar10", "load_cifar100", "load_folder", "holdout_split", "cache_dir", "md5_of"]
