@@ -38,7 +38,10 @@ register_optimizer_step_post_hook(lambda *a: stamps.append(time.perf_counter()))
 data = load_cifar10(args["data_dir"], download=False)
 recipe = recipe_from(args["preset"])
 with tempfile.TemporaryDirectory() as tmp:
-    train(recipe, data, tmp + "/run", progress=False, log=lambda *a: None, max_steps=args["steps"])
+    result = train(recipe, data, tmp + "/run", progress=False, log=lambda *a: None, max_steps=args["steps"])
+if args.get("weights"):  # for --check-same: the weights after these steps
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in result.model.state_dict().items()}, args["weights"])
 w = args["warmup"]
 import cifarlab
 print(json.dumps({"img_per_s": (len(stamps) - 1 - w) * recipe.batch_size / (stamps[-1] - stamps[w]),
@@ -54,9 +57,9 @@ def worktree(commit: str) -> Path:
     return path
 
 
-def run_once(src: Path, args) -> float:
+def run_once(src: Path, args, weights: str = "") -> float:
     spec = {"data_dir": args.data_dir, "preset": args.preset, "steps": args.steps, "warmup": args.warmup,
-            "threads": args.threads}
+            "threads": args.threads, "weights": weights}
     out = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(spec)], capture_output=True, text=True,
                          env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": str(args.threads)})
     if out.returncode:
@@ -64,6 +67,24 @@ def run_once(src: Path, args) -> float:
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["module"].startswith(str(src)), (result["module"], src)  # the version asked for ran
     return result["img_per_s"]
+
+
+def check_same(versions: dict, args) -> None:
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, src in versions.items():
+            run_once(src, args, weights=f"{tmp}/{name}.safetensors")
+        before, after = (load_file(f"{tmp}/{name}.safetensors") for name in versions)
+    differing = [k for k in before if not torch_equal(before[k], after[k])]
+    print(f"weights after {args.steps} steps, before vs after: "
+          f"{'bitwise identical' if not differing and before.keys() == after.keys() else f'DIFFER in {differing}'}")
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return a.shape == b.shape and bool(torch.equal(a, b))
 
 
 def main():
@@ -75,12 +96,16 @@ def main():
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--check-same", action="store_true",
+                    help="first, one run of each version: are the weights after --steps steps bitwise equal?")
     args = ap.parse_args()
     args.data_dir = str(Path(args.data_dir).resolve())
     versions = {"before": worktree(args.before) / "src", "after": ROOT / "src"}
     header(f"Loop overhead: {args.preset} recipe, before ({args.before}) vs after (this checkout)",
            f"images/s over steps {args.warmup + 1}..{args.steps} of batch training on CIFAR-10, "
            f"{args.threads} fixed threads, precision auto, {args.rounds} alternating rounds")
+    if args.check_same:
+        check_same(versions, args)
     rows, rates = [], {"before": [], "after": []}
     for r in range(args.rounds):
         for name in (("before", "after") if r % 2 == 0 else ("after", "before")):

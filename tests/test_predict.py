@@ -144,3 +144,43 @@ def test_runs_as_a_program(trained_run, cifar, tmp_path):
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["results"][0]["image"] == str(path)
     assert np.isfinite(json.loads(out.stdout)["results"][0]["predictions"][0]["probability"])
+
+
+def test_ood_flag_unavailable_is_said_once_and_predictions_are_unchanged(trained_run, ckpt, cifar, data_dir,
+                                                                         tmp_path, monkeypatch, capsys):
+    """The conftest run trained on 3,000 images its dataset entry cannot rebuild (no --train-subset note), so
+    its feature bank cannot be made: one note on stderr, the predictions exactly as without the flag.
+    (The flag itself: tests/test_ood.py.)"""
+    monkeypatch.setenv("CIFARLAB_DATA", str(data_dir))
+    paths = [str(_save(cifar.test.images[i], tmp_path / f"{i}.png")) for i in range(2)]
+    assert main(["predict", str(trained_run), *paths, "--json"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("note: the out-of-distribution flag is unavailable") == 1
+    assert "cannot be rebuilt" in captured.err and "Traceback" not in captured.err
+    results = json.loads(captured.out)["results"]
+    assert all("ood" not in r for r in results)
+    assert [r["predictions"] for r in results] == [e["predictions"] for e in predict_files(ckpt, paths)]
+    assert main(["predict", str(trained_run), *paths, "--json", "--no-ood"]) == 0
+    assert capsys.readouterr().err == ""  # --no-ood: not even looked for
+
+
+def test_predict_files_takes_a_detector_only_when_an_image_was_read(ckpt, cifar, tmp_path):
+    calls = []
+
+    class Detector:
+        def score(self, images):
+            calls.append(len(images))
+            return {"knn": np.full(len(images), -0.7)}
+
+        def entry(self, score):
+            return {"score": score, "threshold": -0.5, "flag": score < -0.5, "method": "knn", "k": 50}
+
+    assert predict_files(ckpt, [tmp_path / "missing.png"], ood=lambda: calls.append("made") or Detector()) \
+        == [{"image": str(tmp_path / "missing.png"), "error": f"{tmp_path / 'missing.png'}: no such file."}]
+    assert calls == []
+    path = _save(cifar.test.images[0], tmp_path / "a.png")
+    entries = predict_files(ckpt, [tmp_path / "missing.png", path], ood=Detector())
+    assert calls == [1] and "ood" not in entries[0] and entries[1]["ood"]["flag"] is True
+    from cifarlab.predict import format_text
+
+    assert format_text(entries).splitlines()[-1] == "  ! unlike any class I know (score -0.7000, threshold -0.5000)"

@@ -8,6 +8,11 @@ softmax of the logits (the exercise's last layer), divided first by the checkpoi
 stores one (``cifarlab calibrate``, or training with ``--val-split``): ``softmax(logits / T)``. The
 ranking, so the top-1 class, is the same with or without it. A file that cannot be read is reported by name and
 the others are still predicted; the exit status is then 2.
+
+Out-of-distribution flag (:mod:`cifarlab.ood`): given the run's detector, each image also gets its KNN score
+(the negative distance of its penultimate feature to the k-th nearest training feature; higher = more like
+the training images) and the run's threshold; below it, the image is "unlike any class I know", whatever
+its top class says. The entry: ``"ood": {"score", "threshold", "flag", "method": "knn", "k"}``.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from .checkpoints import Checkpoint, load_checkpoint
 from .errors import ImageError
 from .evaluate import checkpoint_tta, predict_logits
 from .images import fit_of, load_image
+from .ood import FLAG_TEXT
 from .temperature import checkpoint_temperature
 from .temperature import probabilities as temperature_probabilities
 from .transforms import Normalization
@@ -41,9 +47,11 @@ def predict_images(ckpt: Checkpoint, images: torch.Tensor, top_k: int = 3, tta: 
 
 
 def predict_files(ckpt: Checkpoint, paths, top_k: int = 3, tta: int | None = None,
-                  device: str | None = None, fit: str | None = None) -> list[dict]:
+                  device: str | None = None, fit: str | None = None, ood=None) -> list[dict]:
     """One entry per file, in order: {"image", "predictions"} or {"image", "error"} for an unreadable one.
-    ``fit``: how pictures are made square; None (the right choice): as the checkpoint's training data was."""
+    ``fit``: how pictures are made square; None (the right choice): as the checkpoint's training data was.
+    ``ood``: an :class:`cifarlab.ood.OODDetector`, or a function of no arguments returning one (or None),
+    called only when at least one file was read; each read file's entry then gets "ood"."""
     from .models import input_shape
 
     size = input_shape(ckpt.meta["architecture"])[-1]
@@ -59,6 +67,10 @@ def predict_files(ckpt: Checkpoint, paths, top_k: int = 3, tta: int | None = Non
     if tensors:
         for i, predictions in zip(good, predict_images(ckpt, torch.stack(tensors), top_k, tta, device)):
             entries[i]["predictions"] = predictions
+        detector = ood() if callable(ood) else ood
+        if detector is not None:
+            for i, knn in zip(good, detector.score(torch.stack(tensors))["knn"]):
+                entries[i]["ood"] = detector.entry(float(knn))
     return entries
 
 
@@ -71,4 +83,7 @@ def format_text(entries: list[dict]) -> str:
         width = max(len(p["class"]) for p in entry["predictions"])
         lines += [f"  {rank}. {p['class']:<{width}}  {100 * p['probability']:6.2f}%"
                   for rank, p in enumerate(entry["predictions"], start=1)]
+        ood = entry.get("ood")
+        if ood and ood["flag"]:
+            lines.append(f"  ! {FLAG_TEXT} (score {ood['score']:.4f}, threshold {ood['threshold']:.4f})")
     return "\n".join(lines)

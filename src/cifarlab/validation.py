@@ -485,3 +485,59 @@ def check_results(results, source, error=ValidationError) -> dict:
 def load_json_file(path: str | Path, what: str, error=ValidationError, max_bytes: int = MAX_JSON_BYTES):
     """A JSON file read through every check above (regular file, size, UTF-8, depth, no NaN)."""
     return parse_json(read_bounded(path, max_bytes, what, error), path, error)
+
+
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def _sha(c: _Checker, field: str, value, required: bool = True):
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not SHA256_RE.fullmatch(value):
+        c.fail(field, "must be 64 lowercase hex digits")
+    return value
+
+
+def check_ood_bank_meta(info, source, error=ValidationError) -> dict:
+    """The ``cifarlab_ood`` metadata of an OOD feature bank (``RUN/ood/bank.safetensors``, written by
+    :func:`cifarlab.ood.save_bank`); the tensors themselves are checked by :func:`cifarlab.ood.load_bank`."""
+    c = _Checker(source, error)
+    if not isinstance(info, dict):
+        raise error(f"{source}: the feature bank's metadata must be a JSON object, not {_type(info)}.")
+    if info.get("format") != "cifarlab-ood-bank-1":
+        c.fail("format", f"is {short_repr(info.get('format'), 40)}, not 'cifarlab-ood-bank-1'")
+    _sha(c, "weights_sha256", info.get("weights_sha256"), required=False)
+    _sha(c, "train_sha256", info.get("train_sha256"))
+    _sha(c, "tensors_sha256", info.get("tensors_sha256"))
+    if info.get("content_key") is not None:
+        c.str("content_key", info["content_key"], 200)
+    c.str("head", info.get("head"), 400, non_empty=True)
+    c.int("count", info.get("count"), 1, 1 << 40)
+    c.int("dim", info.get("dim"), 1, 1 << 20)
+    c.int("k", info.get("k"), 1, 10_000)
+    c.str("created", info.get("created"), 64)
+    check_normalization(c, info.get("normalization"), len((info.get("normalization") or {}).get("mean") or [0, 0, 0]))
+    holdout = c.dict("holdout", info.get("holdout"))
+    c.int("holdout.count", holdout.get("count"), 1, 1 << 40)
+    c.str("holdout.what", holdout.get("what"), 1000)
+    return info
+
+
+def check_ood_threshold(entry, source, error=ValidationError) -> dict:
+    """``RUN/ood/threshold.json`` as written by :func:`cifarlab.ood.prepare`."""
+    c = _Checker(source, error)
+    if not isinstance(entry, dict):
+        raise error(f"{source}: the OOD threshold must be a JSON object, not {_type(entry)}.")
+    if entry.get("format") != "cifarlab-ood-threshold-1":
+        c.fail("format", f"is {short_repr(entry.get('format'), 40)}, not 'cifarlab-ood-threshold-1'")
+    if entry.get("score") != "knn":
+        c.fail("score", "must be 'knn'")
+    c.int("k", entry.get("k"), 1, 10_000)
+    c.number("threshold", entry.get("threshold"), -2.0, 0.0)
+    c.number("tpr", entry.get("tpr"), 0.0, 1.0, lo_open=True)
+    c.number("accepted", entry.get("accepted"), 0.0, 1.0)
+    c.int("fitted_on", entry.get("fitted_on"), 1, 1 << 40)
+    c.str("fitted_on_what", entry.get("fitted_on_what"), 1000)
+    _sha(c, "weights_sha256", entry.get("weights_sha256"), required=False)
+    _sha(c, "bank_sha256", entry.get("bank_sha256"))
+    return entry

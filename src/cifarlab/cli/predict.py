@@ -23,6 +23,12 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable results")
     add_tta_argument(p, "(default: as the checkpoint's recipe says)")
     p.add_argument("--device", help="cpu, cuda ... (default: cpu)")
+    p.add_argument("--no-ood", action="store_true",
+                   help="skip the out-of-distribution flag (by default each image gets its KNN score against the "
+                        "run's training features and is flagged 'unlike any class I know' below the run's "
+                        "threshold; needs the run folder and its dataset)")
+    p.add_argument("--run", type=Path, metavar="RUN",
+                   help="the run folder whose feature bank (RUN/ood/) to use when the checkpoint is not inside one")
     p.set_defaults(func=run)
 
 
@@ -37,7 +43,8 @@ def run(args) -> int:
     # Loading may print warnings about skipped damaged checkpoints; keep stdout clean for --json.
     with contextlib.redirect_stdout(sys.stderr):
         ckpt = load_checkpoint(args.checkpoint)
-    entries = predict_files(ckpt, args.images, args.top_k, args.tta, args.device)
+    entries = predict_files(ckpt, args.images, args.top_k, args.tta, args.device,
+                            ood=None if args.no_ood else lambda: _ood_detector(args, ckpt))
     if args.json:
         print(json.dumps({"checkpoint": str(ckpt.path), "architecture": ckpt.meta["architecture"]["name"],
                           "results": entries}, indent=2))
@@ -49,3 +56,31 @@ def run(args) -> int:
         if "error" in entry:
             print(f"error: {entry['error']}", file=sys.stderr)
     return EXIT_ERROR if any("error" in e for e in entries) else 0
+
+
+def _ood_detector(args, ckpt):
+    """The run's OOD detector (its feature bank built once, then cached in RUN/ood/), or None after one note
+    on stderr saying why the flag is unavailable; predictions go on either way."""
+    from .. import ood
+    from ..data import load_stored
+    from ..errors import CifarlabError
+
+    def unavailable(why: str):
+        print(f"note: the out-of-distribution flag is unavailable: {why}", file=sys.stderr)
+        return None
+
+    if args.run is not None and not args.run.is_dir():
+        return unavailable(f"--run {args.run} is not a folder")
+    run_dir = args.run or ood.run_dir_of(args.checkpoint) or ood.run_dir_of(ckpt.path)
+    if run_dir is None:
+        return unavailable("the checkpoint is not inside a run folder (pass --run RUN)")
+    entry = ckpt.meta.get("dataset")
+    if not isinstance(entry, dict):
+        return unavailable("the checkpoint does not record which data it was trained on")
+    log = lambda *a, **k: print(*a, file=sys.stderr)  # noqa: E731
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # loaders' messages: stdout stays clean for --json
+            data = load_stored(entry, log=log)
+            return ood.prepare(ckpt, data, run_dir=run_dir, device=args.device, log=log)
+    except (CifarlabError, OSError) as e:
+        return unavailable(f"{e} (the run's training data is needed; --no-ood skips this)")

@@ -1,0 +1,690 @@
+"""Out-of-distribution (OOD) scores for a trained run, post hoc: no retraining, nothing changes in the model.
+
+A CIFAR-10 classifier must call an ant photo *something*; softmax probabilities do not say "none of
+these". Three scores say how much an image looks like the run's training data. **Higher = more
+in-distribution** for all three:
+
+* ``knn`` (Sun et al. 2022, "Out-of-distribution detection with deep nearest neighbors"): the negative
+  Euclidean distance between the image's L2-normalised penultimate feature and its ``k``-th nearest
+  L2-normalised training feature (k = 50 by default). On unit vectors ``|a - b| = sqrt(2 - 2 cos(a, b))``,
+  so it is found as the k-th largest cosine similarity (a matmul and a top-k, in chunks of queries so
+  the similarity block stays under :data:`SIM_CHUNK_ELEMENTS` floats). It lies in [-2, 0].
+* ``msp`` (Hendrycks & Gimpel 2017): the largest softmax probability, of ``logits / T`` with the run's
+  fitted temperature T when the checkpoint stores one (``cifarlab calibrate`` / ``--val-split``), else T = 1.
+* ``energy`` (Liu et al. 2020, "Energy-based out-of-distribution detection"): ``T * logsumexp(logits / T)``
+  with T = 1 (the negative free energy).
+
+Penultimate features are the *input* of the model's last declared layer of type ``dense`` (its head),
+read with a forward pre-hook; the model runs in eval mode, in batches, in fp32 (no autocast), on the
+checkpoint's own normalization, without test-time augmentation.
+
+**The feature bank** (``RUN/ood/bank.safetensors``; never pickle) holds the L2-normalised features of the
+run's training images, built once per run. Its safetensors metadata (``cifarlab_ood``, JSON) records
+the checkpoint's ``weights_sha256``, the dataset identity's content key (photo folders) and the
+checksum of the training images, the split, the count and dimension, ``k`` and when it was made, and a
+checksum of its tensors. On load it is checked like every file cifarlab reads: a regular file of a
+bounded size before any byte is read, then the metadata schema
+(:func:`cifarlab.validation.check_ood_bank_meta`), the tensor checksum, shapes (N, D) float32, finite
+values, rows of unit norm (within :data:`UNIT_NORM_TOLERANCE`), and indices that are exactly the split
+below. A bank made for other weights or other data, or a damaged one, is rebuilt and the reason said;
+files are written atomically.
+
+**The threshold** (``RUN/ood/threshold.json``) is fitted on in-distribution images that are *not* in the
+bank (an image in the bank is its own nearest neighbour, which would make the threshold too lenient):
+
+* a run trained with ``--val-split N`` (``recipe.val_split`` > 0): the bank is the images it trained on
+  and the threshold comes from its N held-out images, rebuilt exactly as training made them
+  (``holdout_split(train, val_split, seed=recipe.seed)``);
+* otherwise a seeded random :data:`HOLDOUT_IMAGES` training images (10% of them if that is fewer; the same
+  ``holdout_split`` with the recipe's seed) are kept out of the bank for the threshold. (The model did see
+  them in training; the bank does not hold them.)
+
+It is the 5th percentile of their KNN scores (``tpr`` 0.95): an image whose KNN score is below it is
+flagged as unlike any class the model knows, and at least 95% of those held-out images are not. The
+held-out features are stored in the bank file too, so a threshold for another ``k`` costs no forward pass.
+
+Use :func:`prepare` (``ood.prepare(run_dir_or_ckpt, data)``) for an :class:`OODDetector`, and
+:func:`evaluate_ood` for AUROC and FPR at 95% TPR against OOD sets (``cifarlab evaluate RUN --ood ...``).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import validation as V
+from .errors import CheckpointError, CifarlabError, DataError, short_repr
+
+OOD_DIR = "ood"
+BANK_FILE = "bank.safetensors"
+THRESHOLD_FILE = "threshold.json"
+RESULTS_FILE = "ood.json"
+HISTOGRAM_FILE = "ood_scores.png"
+BANK_FORMAT = "cifarlab-ood-bank-1"
+THRESHOLD_FORMAT = "cifarlab-ood-threshold-1"
+BANK_META_KEY = "cifarlab_ood"
+DEFAULT_K = 50
+TPR = 0.95
+HOLDOUT_IMAGES = 5000
+HOLDOUT_FRACTION = 0.1
+UNIT_NORM_TOLERANCE = 1e-3
+MAX_BANK_BYTES = 8 << 30              # 2,000,000 images x 1,024 features in fp32
+SIM_CHUNK_ELEMENTS = 1 << 24          # similarity block of one KNN chunk: 64 MiB of fp32
+SCORES = ("knn", "msp", "energy")
+SCORE_NAMES = {"knn": "KNN", "msp": "MSP", "energy": "Energy"}
+BOOTSTRAP_BELOW = 2000                # OOD sets smaller than this get bootstrap 95% intervals
+BOOTSTRAP_RESAMPLES = 1000
+MAX_GENERATED = 2000                  # noise / permuted sets: as many as the test set, at most this many
+FLAG_TEXT = "unlike any class I know"
+
+
+class OODError(CifarlabError):
+    """The OOD scores cannot be made (no run folder, data that is not the run's, too few images...)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Features and scores
+
+
+def head_layer(model: torch.nn.Module) -> str:
+    """The (dotted) name of the declaration's last layer of type ``dense``: the head."""
+    from .models import layers
+
+    decl = getattr(model, "declaration", None)
+    dense = [info.name for info in layers(decl) if info.type == "dense"] if isinstance(decl, dict) else []
+    if not dense:
+        raise OODError("the model has no dense layer: OOD features are the input of its last dense layer")
+    return dense[-1]
+
+
+def _module(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    module = dict(model.named_modules()).get(name)
+    if module is None:
+        raise OODError(f"the model has no module named {name!r} (its declared head)")
+    return module
+
+
+@torch.inference_mode()
+def features_and_logits(model: torch.nn.Module, images: torch.Tensor, normalization, batch_size: int = 128,
+                        device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (N, C, H, W) -> (penultimate features (N, D), logits (N, classes)), float32 on the CPU; eval
+    mode, fp32, no TTA, the given normalization. Features: the input of the head (:func:`head_layer`)."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    seen: list[torch.Tensor] = []
+
+    def hook(module, args):
+        seen.append(args[0].detach().float().flatten(1))
+
+    handle = _module(model, head_layer(model)).register_forward_pre_hook(hook)
+    was_training = model.training
+    model.eval()
+    feats, logits = [], []
+    try:
+        for start in range(0, len(images), batch_size):
+            x = normalization(images[start:start + batch_size].to(device))
+            if device.type == "cpu":
+                x = x.contiguous(memory_format=torch.channels_last)
+            seen.clear()
+            out = model(x).float()
+            if len(seen) != 1:
+                raise OODError(f"the head {head_layer(model)!r} ran {len(seen)} times in one forward pass")
+            feats.append(seen[0].cpu())
+            logits.append(out.cpu())
+    finally:
+        handle.remove()
+        model.train(was_training)
+    if not feats:
+        return torch.empty(0, 0), torch.empty(0, 0)
+    return torch.cat(feats), torch.cat(logits)
+
+
+def normalize_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm (a zero row stays zero)."""
+    return torch.nn.functional.normalize(x.float(), dim=1)
+
+
+def knn_scores(queries: torch.Tensor, bank: torch.Tensor, k: int = DEFAULT_K,
+               chunk_elements: int = SIM_CHUNK_ELEMENTS) -> np.ndarray:
+    """-(distance to the k-th nearest bank row) for each L2-normalised query row; bank rows L2-normalised.
+    Queries go in chunks so that one similarity block holds at most ``chunk_elements`` values."""
+    if not 1 <= k <= len(bank):
+        raise OODError(f"k = {k} needs at least {k} images in the feature bank; it holds {len(bank)}")
+    bank = bank.float()
+    queries = queries.to(bank.device, torch.float32)
+    step = max(1, chunk_elements // max(1, len(bank)))
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(queries), step):
+            sim = queries[start:start + step] @ bank.T
+            kth = torch.topk(sim, k, dim=1, largest=True, sorted=True).values[:, -1]
+            out.append(kth.double().cpu())
+    cos = torch.cat(out) if out else torch.empty(0, dtype=torch.float64)
+    return -torch.sqrt(torch.clamp(2.0 - 2.0 * cos, min=0.0)).numpy()
+
+
+def msp_scores(logits: torch.Tensor, temperature: float | None = None) -> np.ndarray:
+    """max softmax(logits / T) (T = 1 when None)."""
+    return torch.softmax(logits.double() / (temperature or 1.0), dim=1).amax(1).numpy()
+
+
+def energy_scores(logits: torch.Tensor, temperature: float = 1.0) -> np.ndarray:
+    """T * logsumexp(logits / T): the negative free energy (Liu et al. 2020)."""
+    return (temperature * torch.logsumexp(logits.double() / temperature, dim=1)).numpy()
+
+
+def fit_threshold(scores, tpr: float = TPR) -> float:
+    """The score that at least ``tpr`` of ``scores`` reach (scores >= it are accepted): their
+    (1 - tpr) quantile, taken as an observed value (numpy's ``lower`` method)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if not len(scores) or not np.isfinite(scores).all():
+        raise OODError("the threshold needs finite scores of at least one held-out image")
+    return float(np.quantile(scores, 1.0 - tpr, method="lower"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def _check_scores(pos, neg) -> tuple[np.ndarray, np.ndarray]:
+    pos, neg = np.asarray(pos, dtype=np.float64).ravel(), np.asarray(neg, dtype=np.float64).ravel()
+    if not len(pos) or not len(neg):
+        raise ValueError("both sets need at least one score")
+    if not (np.isfinite(pos).all() and np.isfinite(neg).all()):
+        raise ValueError("scores must be finite")
+    return pos, neg
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``x`` in ascending order; tied values share the mean of their ranks."""
+    x = np.asarray(x)
+    order = np.argsort(x, kind="mergesort")
+    s = x[order]
+    cuts = np.flatnonzero(s[1:] != s[:-1]) + 1
+    starts, ends = np.r_[0, cuts], np.r_[cuts, len(s)]
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return ranks
+
+
+def auroc(pos, neg) -> float:
+    """Area under the ROC curve, positives = ``pos`` (in-distribution; higher scores are more positive):
+    P(a positive scores above a negative) + P(tie) / 2, from the Mann-Whitney rank sum with tied
+    scores given their average rank."""
+    pos, neg = _check_scores(pos, neg)
+    ranks = average_ranks(np.concatenate([pos, neg]))
+    n_pos, n_neg = len(pos), len(neg)
+    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def fpr_at_tpr(pos, neg, tpr: float = TPR) -> float:
+    """The share of ``neg`` accepted (score >= t) at the highest threshold t that accepts at least ``tpr`` of
+    ``pos``: the first point of the ROC curve (thresholds from high to low) whose TPR reaches ``tpr``."""
+    pos, neg = _check_scores(pos, neg)
+    need = max(1, math.ceil(tpr * len(pos) - 1e-9))
+    t = np.sort(pos)[::-1][need - 1]
+    return float((neg >= t).mean())
+
+
+def bootstrap_ci(pos, neg, metric, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
+                 level: float = 0.95) -> list[float]:
+    """Percentile bootstrap interval of ``metric(pos, neg)``: both sets resampled with replacement."""
+    pos, neg = _check_scores(pos, neg)
+    rng = np.random.default_rng(seed)
+    values = np.array([metric(pos[rng.integers(0, len(pos), len(pos))], neg[rng.integers(0, len(neg), len(neg))])
+                       for _ in range(resamples)])
+    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return [float(lo), float(hi)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run, its training images, the split
+
+
+def run_dir_of(path) -> Path | None:
+    """The run folder a checkpoint belongs to (RUN for RUN/final, RUN/checkpoints/step-N, their
+    model.safetensors, or RUN itself), or None for a checkpoint outside a run."""
+    from .checkpoints import CKPT_DIR, CKPT_RE
+
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        p = p.parent
+    if p.name == "final" and p.parent.is_dir():
+        return p.parent
+    if CKPT_RE.match(p.name) and p.parent.name == CKPT_DIR:
+        return p.parent.parent
+    if p.is_dir() and ((p / "final").is_dir() or (p / CKPT_DIR).is_dir()):
+        return p
+    return None
+
+
+def _tensor_sha256(*tensors) -> str:
+    from .rundir import _tensor_sha256 as sha
+
+    return sha(*tensors)
+
+
+def training_images(ckpt, data):
+    """The run's training images (a ``--train-subset`` of the first N applied first, as training did),
+    checked against what the checkpoint recorded: the count and, when stored, the images' checksum."""
+    entry = ckpt.meta.get("dataset") or {}
+    if list(data.classes) != list(ckpt.meta.get("classes") or []):
+        raise OODError(f"the data's classes {list(data.classes)[:5]}... are not the run's")
+    train = data.train
+    subset = (entry.get("identity") or {}).get("train_subset")
+    if subset:
+        words = str(subset).split()
+        if len(words) != 2 or words[0] != "first" or not words[1].isdigit():
+            raise OODError(f"the run trained on a training subset that cannot be rebuilt ({subset!r})")
+        train = train.subset(slice(0, int(words[1])))
+    stored = entry.get("train_images")
+    if stored is not None and int(stored) != len(train):
+        raise OODError(f"the run trained on {stored} training images, but its data now has {len(train)}: its "
+                       f"training images cannot be rebuilt")
+    sha = (ckpt.meta.get("data_identity") or {}).get("train_sha256")
+    if sha and _tensor_sha256(train.images, train.labels) != sha:
+        raise OODError("the training images differ from the ones the run trained on (their checksum changed)")
+    if len(train) < 2:
+        raise OODError(f"the run has {len(train)} training image(s): too few for a feature bank")
+    return train
+
+
+def bank_split(ckpt, n_train: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(bank indices, threshold indices, what the threshold images are) into the run's training images."""
+    from .data import Split, holdout_split
+
+    recipe = ckpt.meta.get("recipe") or {}
+    seed = int(recipe.get("seed", 0) or 0)
+    n_val = int(recipe.get("val_split") or 0)
+    if n_val > 0:
+        n_hold, what = n_val, f"{n_val} held-out training images (the run's --val-split, seed {seed}), not in the bank"
+    else:
+        n_hold = min(HOLDOUT_IMAGES, int(n_train * HOLDOUT_FRACTION))
+        what = (f"{n_hold} training images held out of the bank (seeded random {n_hold} of {n_train}, seed {seed}); "
+                f"the model saw them in training")
+    if not 0 < n_hold < n_train:
+        raise OODError(f"cannot hold {n_hold} of {n_train} training images out of the feature bank")
+    index = torch.arange(n_train)
+    bank, held = holdout_split(Split(index, index), n_hold, seed=seed)  # exactly training's split
+    return bank.labels.clone(), held.labels.clone(), what
+
+
+# ---------------------------------------------------------------------------------------------------
+# The bank file
+
+
+@dataclass
+class Bank:
+    features: torch.Tensor          # (N, D) L2-normalised float32
+    indices: torch.Tensor           # (N,) int64, into the run's training images
+    holdout_features: torch.Tensor  # (M, D) L2-normalised float32: the threshold's images
+    holdout_indices: torch.Tensor   # (M,) int64
+    info: dict = field(default_factory=dict)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"features": self.features, "indices": self.indices, "holdout_features": self.holdout_features,
+                "holdout_indices": self.holdout_indices}
+
+
+def _tensors_sha256(tensors: dict) -> str:
+    from .checkpoints import weights_sha256
+
+    return weights_sha256(tensors)
+
+
+def save_bank(path: str | Path, bank: Bank) -> Path:
+    """Write the bank atomically (safetensors; the metadata as JSON under ``cifarlab_ood``)."""
+    from safetensors.torch import save as st_save
+
+    from .fsutil import atomic_write_bytes
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in bank.tensors().items()}
+    bank.info = dict(bank.info, format=BANK_FORMAT, tensors_sha256=_tensors_sha256(tensors))
+    try:
+        atomic_write_bytes(path, st_save(tensors, metadata={BANK_META_KEY: json.dumps(bank.info)}))
+    except OSError as e:
+        raise OODError(f"could not write the feature bank: {V.os_error_message(e, path)}") from None
+    return Path(path)
+
+
+def load_bank(path: str | Path, expected: dict | None = None) -> Bank:
+    """Read and check a bank file (module docstring); ``expected``: metadata values it must have (weights,
+    data, split...). Anything wrong is one OODError saying what."""
+    from .checkpoints import read_safetensors
+
+    path = Path(path)
+    try:
+        tensors, header = read_safetensors(path, MAX_BANK_BYTES)
+    except CheckpointError as e:
+        raise OODError(str(e).replace("; it is truncated or damaged.", " (truncated or damaged).")) from None
+    if BANK_META_KEY not in header:
+        raise OODError(f"{path}: not a cifarlab feature bank (no '{BANK_META_KEY}' metadata)")
+    info = V.check_ood_bank_meta(V.parse_json(header[BANK_META_KEY], path, OODError), path, OODError)
+    names = {"features", "indices", "holdout_features", "holdout_indices"}
+    if set(tensors) != names:
+        raise OODError(f"{path}: holds tensors {sorted(tensors)}, not {sorted(names)}")
+    if _tensors_sha256(tensors) != info["tensors_sha256"]:
+        raise OODError(f"{path}: the tensors' checksum does not match its metadata (damaged or edited)")
+    count, dim = info["count"], info["dim"]
+    for name, rows in (("features", count), ("holdout_features", info["holdout"]["count"])):
+        t = tensors[name]
+        if t.dtype != torch.float32 or t.ndim != 2 or tuple(t.shape) != (rows, dim):
+            raise OODError(f"{path}: '{name}' is {str(t.dtype).replace('torch.', '')} {tuple(t.shape)}, not "
+                           f"float32 ({rows}, {dim})")
+        if not bool(torch.isfinite(t).all()):
+            raise OODError(f"{path}: '{name}' holds NaN or infinite values")
+        norms = torch.linalg.vector_norm(t, dim=1)
+        worst = float((norms - 1).abs().max()) if len(norms) else 0.0
+        if worst > UNIT_NORM_TOLERANCE:
+            raise OODError(f"{path}: '{name}' rows are not of unit norm (off by up to {worst:.3g})")
+    for name, rows in (("indices", count), ("holdout_indices", info["holdout"]["count"])):
+        t = tensors[name]
+        if t.dtype != torch.int64 or t.ndim != 1 or len(t) != rows:
+            raise OODError(f"{path}: '{name}' is {str(t.dtype).replace('torch.', '')} {tuple(t.shape)}, not int64 "
+                           f"({rows},)")
+    for key, want in (expected or {}).items():
+        if info.get(key) != want:
+            raise OODError(f"{path}: made for {key} {short_repr(info.get(key), 40)}, not {short_repr(want, 40)}")
+    return Bank(tensors["features"], tensors["indices"], tensors["holdout_features"], tensors["holdout_indices"],
+                info)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The detector
+
+
+@dataclass
+class OODDetector:
+    """A run's OOD scores. ``score(images)``: {"knn", "msp", "energy"} arrays (higher = more
+    in-distribution); ``flag(images)``: KNN score below the threshold."""
+
+    model: torch.nn.Module
+    normalization: object
+    bank: torch.Tensor
+    k: int
+    threshold: float
+    temperature: float | None
+    run_dir: Path
+    info: dict
+    threshold_info: dict
+    device: object = None
+    batch_size: int = 128
+
+    def score(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+        feats, logits = features_and_logits(self.model, images, self.normalization, self.batch_size, self.device)
+        return self.scores_of(feats, logits)
+
+    def scores_of(self, features: torch.Tensor, logits: torch.Tensor) -> dict[str, np.ndarray]:
+        if not len(features):
+            return {name: np.empty(0) for name in SCORES}
+        return {"knn": knn_scores(normalize_rows(features), self.bank, self.k),
+                "msp": msp_scores(logits, self.temperature), "energy": energy_scores(logits)}
+
+    def flag(self, images: torch.Tensor) -> np.ndarray:
+        return self.flags_of(self.score(images)["knn"])
+
+    def flags_of(self, knn) -> np.ndarray:
+        return np.asarray(knn) < self.threshold
+
+    def entry(self, knn_score: float) -> dict:
+        """The JSON entry of one image: {"score", "threshold", "flag", "method": "knn", "k"}."""
+        return {"score": float(knn_score), "threshold": self.threshold, "flag": bool(knn_score < self.threshold),
+                "method": "knn", "k": self.k}
+
+
+def _resolve(source):
+    """(checkpoint, run folder or None) from a run folder, a checkpoint path or a loaded Checkpoint."""
+    from .checkpoints import Checkpoint, load_checkpoint
+
+    if isinstance(source, Checkpoint):
+        return source, run_dir_of(source.path)
+    ckpt = load_checkpoint(source)
+    return ckpt, run_dir_of(source) or run_dir_of(ckpt.path)
+
+
+def prepare(source, data, k: int = DEFAULT_K, log=print, run_dir=None, device=None) -> OODDetector:
+    """The OOD detector of a run: its feature bank and threshold loaded from ``RUN/ood/`` when they match the
+    checkpoint and the data, else built (and said why) and stored. ``source``: a run folder, a checkpoint
+    path or a loaded :class:`~cifarlab.checkpoints.Checkpoint`; ``data``: the run's dataset
+    (``cifarlab.data.load_stored(ckpt.meta["dataset"])``); ``run_dir``: where ``ood/`` goes when the
+    checkpoint is not inside a run folder."""
+    from .temperature import checkpoint_temperature
+    from .transforms import Normalization
+
+    ckpt, found = _resolve(source)
+    run_dir = Path(run_dir) if run_dir is not None else found
+    if run_dir is None:
+        raise OODError(f"{ckpt.path}: not inside a run folder, so there is no place for its feature bank "
+                       f"(pass the run folder: --run RUN)")
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 10_000:
+        raise OODError(f"k must be an integer in 1..10000, not {k!r}")
+    model = ckpt.model.to(device) if device else ckpt.model
+    normalization = Normalization.from_dict(ckpt.meta["normalization"])
+    train = training_images(ckpt, data)
+    bank_idx, hold_idx, what = bank_split(ckpt, len(train))
+    head = head_layer(model)
+    content_key = ((ckpt.meta.get("dataset") or {}).get("identity") or {}).get("content_sha256")
+    expected = {"weights_sha256": ckpt.meta.get("weights_sha256"), "train_sha256": _tensor_sha256(train.images,
+                                                                                                   train.labels),
+                "content_key": content_key, "head": head, "normalization": normalization.to_dict(),
+                "count": len(bank_idx)}
+    folder = run_dir / OOD_DIR
+    path = folder / BANK_FILE
+    bank = None
+    if os.path.lexists(path):
+        try:
+            bank = load_bank(path, expected)
+            if not (torch.equal(bank.indices, bank_idx) and torch.equal(bank.holdout_indices, hold_idx)):
+                raise OODError(f"{path}: its images are not the run's bank/threshold split")
+        except (OODError, V.ValidationError) as e:
+            log(f"note: OOD feature bank not used, rebuilding it: {e}")
+            bank = None
+    if bank is None:
+        bank = _build_bank(model, normalization, train, bank_idx, hold_idx, what, expected, k, device, log)
+        try:
+            save_bank(path, bank)
+        except OODError as e:  # a read-only run folder: the scores work, only the cache is lost
+            log(f"note: {e}; the bank is used without being cached")
+    else:
+        log(f"OOD: feature bank {path} ({bank.info['count']:,} x {bank.info['dim']} training features) reused")
+    if len(bank.features) < k:
+        log(f"note: the feature bank holds {len(bank.features)} images, fewer than k = {k}; using k = "
+            f"{len(bank.features)}")
+        k = len(bank.features)
+    bank_device = torch.device(device) if device else torch.device("cpu")
+    features = bank.features.to(bank_device)
+    threshold_info = _threshold(folder / THRESHOLD_FILE, bank, features, k, log)
+    return OODDetector(model=model, normalization=normalization, bank=features, k=k,
+                       threshold=threshold_info["threshold"], temperature=checkpoint_temperature(ckpt.meta),
+                       run_dir=run_dir, info=bank.info, threshold_info=threshold_info, device=device)
+
+
+def _build_bank(model, normalization, train, bank_idx, hold_idx, what, expected, k, device, log) -> Bank:
+    import time
+
+    log(f"OOD: building the feature bank once: penultimate features of {len(bank_idx):,} training images and "
+        f"{len(hold_idx):,} held out for the threshold ...")
+    start = time.perf_counter()
+    feats, _ = features_and_logits(model, train.images, normalization, device=device)
+    if not bool(torch.isfinite(feats).all()):
+        raise OODError("the model's penultimate features hold NaN or infinite values; no feature bank")
+    feats = normalize_rows(feats)
+    log(f"OOD: {len(train):,} images in {time.perf_counter() - start:.1f} s")
+    info = dict(expected, dim=int(feats.shape[1]), k=k,
+                created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                holdout={"count": len(hold_idx), "what": what})
+    return Bank(feats[bank_idx].contiguous(), bank_idx, feats[hold_idx].contiguous(), hold_idx, info)
+
+
+def _threshold(path: Path, bank: Bank, features: torch.Tensor, k: int, log) -> dict:
+    """The stored threshold if it is for this bank, k and TPR; else fitted on the held-out features."""
+    want = {"k": k, "tpr": TPR, "weights_sha256": bank.info["weights_sha256"],
+            "bank_sha256": bank.info["tensors_sha256"], "score": "knn"}
+    if os.path.lexists(path):
+        try:
+            stored = V.check_ood_threshold(V.load_json_file(path, "OOD threshold", OODError), path, OODError)
+            if all(stored.get(key) == value for key, value in want.items()):
+                return stored
+            changed = next(key for key, value in want.items() if stored.get(key) != value)
+            log(f"note: {path} was fitted for another {changed}; fitting it again")
+        except (OODError, V.ValidationError) as e:
+            log(f"note: OOD threshold not used, fitting it again: {e}")
+    scores = knn_scores(bank.holdout_features.to(features.device), features, k)
+    threshold = fit_threshold(scores)
+    entry = dict(want, format=THRESHOLD_FORMAT, threshold=threshold, accepted=float((scores >= threshold).mean()),
+                 fitted_on=len(scores), fitted_on_what=bank.info["holdout"]["what"],
+                 created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    from .fsutil import atomic_write_json
+
+    try:
+        atomic_write_json(path, entry)
+    except OSError as e:
+        log(f"note: could not store the OOD threshold ({V.os_error_message(e, path)}); it is used without being "
+            f"stored")
+    log(f"OOD: KNN threshold {threshold:.4f} (k = {k}; accepts {100 * entry['accepted']:.1f}% of "
+        f"{len(scores):,} held-out images not in the bank) -> {path}")
+    return entry
+
+
+# ---------------------------------------------------------------------------------------------------
+# OOD test sets and the evaluation
+
+
+def gaussian_noise(n: int, shape, seed: int = 0) -> torch.Tensor:
+    """``n`` uint8 images of i.i.d. Gaussian pixels, mean 0.5 and standard deviation 1 in 0..1 units,
+    clipped to 0..1 (Hendrycks & Gimpel 2017's "Gaussian" set), seeded."""
+    g = torch.Generator().manual_seed(seed)
+    x = 0.5 + torch.randn((n, *shape), generator=g, dtype=torch.float64)
+    return torch.round(255 * x.clamp(0, 1)).to(torch.uint8)
+
+
+def permuted_pixels(images: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Every image's pixel positions shuffled by one fixed (seeded) permutation; colours stay together."""
+    n, c, h, w = images.shape
+    perm = torch.randperm(h * w, generator=torch.Generator().manual_seed(seed))
+    return images.reshape(n, c, h * w)[:, :, perm].reshape(n, c, h, w).contiguous()
+
+
+def load_ood_set(spec: str, ckpt, data, seed: int = 0, download: bool = False,
+                 log=print) -> tuple[str, str, torch.Tensor]:
+    """(name, description, uint8 images) of one OOD set: ``noise``, ``permuted``, ``folder:PATH`` (or a
+    folder's path: its photos, train and test, fitted like the run's data) or another dataset's name
+    (its test images)."""
+    from .data import load_dataset, parse_spec, stored_options
+
+    n = min(len(data.test), MAX_GENERATED)
+    shape = tuple(data.test.images.shape[1:])
+    if spec == "noise":
+        return "noise", f"{n} Gaussian-noise images (mean 0.5, sd 1 in 0..1 units, clipped; seed {seed})", \
+            gaussian_noise(n, shape, seed)
+    if spec == "permuted":
+        return "permuted", f"the first {n} test images with their pixels shuffled by one permutation (seed {seed})", \
+            permuted_pixels(data.test.images[:n], seed)
+    if ":" not in spec and Path(spec).expanduser().is_dir():
+        spec = f"folder:{spec}"
+    try:
+        name, _ = parse_spec(spec)
+    except DataError:
+        raise OODError(f"unknown OOD set {spec!r}: use noise, permuted, folder:PATH (or a folder) or a dataset "
+                       f"name") from None
+    options = {}
+    if name == "folder":
+        fitted = stored_options(ckpt.meta.get("dataset") or {})
+        options = {"image_size": fitted["image_size"], "fit": fitted["fit"], "log": log}
+    ds = load_dataset(spec, download=download, progress=False, **options)
+    for note in ds.notes[:5]:
+        log(f"note: {note}")
+    images = torch.cat([ds.train.images, ds.test.images]) if name == "folder" else ds.test.images
+    if tuple(images.shape[1:]) != shape:
+        raise OODError(f"{spec}: images are {tuple(images.shape[1:])}, the model takes {shape}")
+    what = "photos (train and test), fitted like the run's data" if name == "folder" else "test images"
+    return spec, f"{len(images)} {what}", images
+
+
+def evaluate_ood(detector: OODDetector, test_images: torch.Tensor, sets, out_dir, seed: int = 0,
+                 dataset: str = "", resamples: int = BOOTSTRAP_RESAMPLES, log=print) -> tuple[dict, dict]:
+    """AUROC and FPR at 95% TPR of each score, in-distribution = ``test_images`` (positives), against each
+    OOD set ``(name, description, images)``; bootstrap 95% intervals (``resamples``, seeded) for sets
+    smaller than :data:`BOOTSTRAP_BELOW`. Writes ``ood.json`` and the score histograms (``ood_scores.png``)
+    into ``out_dir``; returns (results, files)."""
+    from .fsutil import atomic_write_json
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    id_scores = detector.score(test_images)
+    results = {"in_distribution": {"dataset": dataset, "split": "test", "images": int(len(test_images)),
+                                   "accepted_at_threshold": float((id_scores["knn"] >= detector.threshold).mean())},
+               "positive": "in-distribution (higher score = more in-distribution)",
+               "scores": {"knn": f"-(distance to the {detector.k}-th nearest normalised training feature)",
+                          "msp": "max softmax probability" + (f" at T = {detector.temperature:.4f}"
+                                                              if detector.temperature else ""),
+                          "energy": "logsumexp(logits) (T = 1)"},
+               "k": detector.k, "threshold": detector.threshold_info, "temperature": detector.temperature,
+               "tta": 0, "sets": []}
+    all_scores = [("test (in-distribution)", id_scores)]
+    for name, description, images in sets:
+        ood = detector.score(images)
+        small = len(images) < BOOTSTRAP_BELOW
+        entry = {"name": name, "description": description, "images": int(len(images)),
+                 "flagged_at_threshold": float(detector.flags_of(ood["knn"]).mean()),
+                 "bootstrap": {"resamples": resamples, "seed": seed, "level": 0.95} if small else None,
+                 "metrics": {}}
+        for score in SCORES:
+            pos, neg = id_scores[score], ood[score]
+            m = {"auroc": auroc(pos, neg), "fpr_at_95_tpr": fpr_at_tpr(pos, neg)}
+            if small:
+                m["auroc_ci95"] = bootstrap_ci(pos, neg, auroc, resamples, seed)
+                m["fpr_at_95_tpr_ci95"] = bootstrap_ci(pos, neg, fpr_at_tpr, resamples, seed)
+            entry["metrics"][score] = m
+        results["sets"].append(entry)
+        all_scores.append((name, ood))
+        log(f"OOD {name}: " + ", ".join(f"{SCORE_NAMES[s]} AUROC {entry['metrics'][s]['auroc']:.4f}" for s in SCORES))
+    files = {"ood": out_dir / RESULTS_FILE,
+             "ood_histograms": score_histograms(all_scores, detector.threshold, out_dir / HISTOGRAM_FILE)}
+    results["histograms"] = HISTOGRAM_FILE
+    atomic_write_json(files["ood"], results)
+    return results, {key: str(value) for key, value in files.items()}
+
+
+def score_histograms(named_scores, threshold: float, path) -> Path:
+    """One panel per score: the in-distribution test set and each OOD set (density histograms)."""
+    from .plots import pyplot, save_figure
+
+    fig, axes = pyplot().subplots(1, len(SCORES), figsize=(5 * len(SCORES), 3.6))
+    for ax, score in zip(axes, SCORES):
+        values = np.concatenate([s[score] for _, s in named_scores])
+        lo, hi = (float(v) for v in np.quantile(values, [0.002, 0.998]))  # a few outliers do not squash the rest
+        bins = np.linspace(lo, hi if hi > lo else lo + 1e-6, 41)
+        for i, (name, s) in enumerate(named_scores):
+            clipped = np.clip(s[score], bins[0], bins[-1])
+            if i == 0:
+                ax.hist(clipped, bins=bins, density=True, alpha=0.5, color="0.55", label=name)
+            else:
+                ax.hist(clipped, bins=bins, density=True, histtype="step", linewidth=1.6,
+                        color=f"C{(i - 1) % 7}", label=name)
+        if score == "knn":
+            ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label="threshold (95% TPR)")
+        ax.set_title(f"{SCORE_NAMES[score]} score (higher = more in-distribution)", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def summary(results: dict) -> str:
+    lines = [f"OOD detection (in-distribution: {results['in_distribution']['images']:,} test images; KNN k = "
+             f"{results['k']}, threshold {results['threshold']['threshold']:.4f} accepts "
+             f"{100 * results['in_distribution']['accepted_at_threshold']:.1f}% of them):"]
+    for s in results["sets"]:
+        parts = []
+        for score in SCORES:
+            m = s["metrics"][score]
+            ci = (f" [{m['auroc_ci95'][0]:.3f}, {m['auroc_ci95'][1]:.3f}]" if "auroc_ci95" in m else "")
+            parts.append(f"{SCORE_NAMES[score]} AUROC {m['auroc']:.4f}{ci} FPR@95 {100 * m['fpr_at_95_tpr']:.1f}%")
+        lines.append(f"  {s['name']} ({s['images']:,} images; {100 * s['flagged_at_threshold']:.1f}% flagged): "
+                     + "; ".join(parts))
+    return "\n".join(lines)
