@@ -286,7 +286,9 @@ def test_sigkill_at_random_moments_loses_at_most_one_checkpoint_interval(work, r
         lost = reached - good
         records.append({"life": i, "mode": mode, "resumed_from": start, "reached": reached, "checkpoint": good,
                         "lost": lost, "mid_write": mid_write, "half_pruned": damaged})
-        assert "warning" not in life.text() and "Traceback" not in life.text(), life.text()
+        # No warning about a damaged checkpoint (the plan's "only 60 optimizer steps" warning is expected).
+        warnings = [line for line in life.text().splitlines() if "warning" in line and "optimizer steps" not in line]
+        assert not warnings and "Traceback" not in life.text(), life.text()
         if start:
             assert f"step-{start:09d} (epoch" in life.text() or "resuming" not in life.text()
         assert 0 <= lost <= EVERY, records
