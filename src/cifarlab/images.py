@@ -58,7 +58,8 @@ FITS = ("crop", "squish", "pad")  # how a non-square picture becomes a square (m
 # The fit a folder dataset uses unless told (--fit). One constant: change it here after measuring
 # (bench/make_odd_folder.py writes CIFAR-10 at random non-square sizes to compare the fits on).
 DEFAULT_FIT = "crop"
-DEFAULT_FIT_WHY = "the behaviour of earlier versions, until the fits are measured"
+DEFAULT_FIT_WHY = ("measured within noise of pad and squish on real photos (README), and what earlier runs and "
+                   "caches used")
 LEGACY_FIT = "crop"  # what a run recorded before fits existed used (and CIFAR runs: their images are square)
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
