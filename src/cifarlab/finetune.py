@@ -130,10 +130,12 @@ def init_model(model: torch.nn.Module, spec: str | Path, classes: list[str] | No
 
 def head_layer(model) -> str:
     """The declared name of the last dense layer: the part a new task replaces."""
-    dense = [layer["name"] for layer in model.declaration["layers"] if layer["type"] == "dense"]
-    if not dense:
+    from .models import head_name
+
+    head = head_name(model.declaration)
+    if head is None:
         raise ValueError(f"{model.declaration['name']} has no dense layer to use as the head")
-    return dense[-1]
+    return head
 
 
 def body_parameters(model) -> list[torch.nn.Parameter]:

@@ -589,6 +589,13 @@ class LayerInfo(NamedTuple):
     parent: str          # the enclosing block's full name ("" at the top)
 
 
+def head_name(declaration: dict) -> str | None:
+    """The (dotted) name of the declaration's last dense layer, the head (None when it has none): what
+    fine-tuning replaces and what OOD features are read in front of."""
+    dense = [info.name for info in layers(declaration) if info.type == "dense"]
+    return dense[-1] if dense else None
+
+
 def layers(decl: dict) -> list[LayerInfo]:
     """Every layer of a validated declaration in execution order, blocks before their layers (body, then
     shortcut), with dotted names, shapes and parameter counts."""

@@ -94,13 +94,13 @@ class OODError(CifarlabError):
 
 def head_layer(model: torch.nn.Module) -> str:
     """The (dotted) name of the declaration's last layer of type ``dense``: the head."""
-    from .models import layers
+    from .models import head_name
 
     decl = getattr(model, "declaration", None)
-    dense = [info.name for info in layers(decl) if info.type == "dense"] if isinstance(decl, dict) else []
-    if not dense:
+    head = head_name(decl) if isinstance(decl, dict) else None
+    if head is None:
         raise OODError("the model has no dense layer: OOD features are the input of its last dense layer")
-    return dense[-1]
+    return head
 
 
 def _module(model: torch.nn.Module, name: str) -> torch.nn.Module:

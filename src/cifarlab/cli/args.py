@@ -120,6 +120,15 @@ def load_data(args, stored: dict | None = None, log=print):
 # Training options, from the Recipe's fields
 
 
+def add_preset_and_recipe_args(p, title: str) -> None:
+    """A "recipe" option group: ``--preset`` (default: exercise) and one option per Recipe field."""
+    from ..recipes import PRESETS
+
+    g = p.add_argument_group(title)
+    g.add_argument("--preset", default="exercise", choices=sorted(PRESETS), help="recipe preset (default: exercise)")
+    add_recipe_args(g)
+
+
 def add_recipe_args(g) -> None:
     """One option per Recipe field: its name, type, choices, bounds and help come from the field."""
     from ..recipes import Recipe

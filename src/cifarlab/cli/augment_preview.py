@@ -2,7 +2,7 @@
 CutMix) really feeds the net."""
 from __future__ import annotations
 
-from .args import add_data_args, add_recipe_args, bounded_int, load_data, recipe_from_args
+from .args import add_data_args, add_preset_and_recipe_args, bounded_int, load_data, recipe_from_args
 
 
 def register(sub) -> None:
@@ -13,11 +13,7 @@ def register(sub) -> None:
                                    "cutout, MixUp/CutMix with the other images as partners), de-normalized back "
                                    "to pixels; each image is titled with its (soft) label. Trains nothing. "
                                    "--seed seeds the image order and the random draws.")
-    from ..recipes import PRESETS
-
-    g = p.add_argument_group("recipe (defaults come from --preset; only its augmentation options matter here)")
-    g.add_argument("--preset", default="exercise", choices=sorted(PRESETS), help="recipe preset (default: exercise)")
-    add_recipe_args(g)
+    add_preset_and_recipe_args(p, "recipe (defaults come from --preset; only its augmentation options matter here)")
     o = p.add_argument_group("preview")
     o.add_argument("--n", type=bounded_int(1, 64), default=8, help="images, one per row (default: 8)")
     o.add_argument("--views", type=bounded_int(1, 16), default=4, help="augmented views of each (default: 4)")

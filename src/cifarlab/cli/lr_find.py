@@ -5,7 +5,7 @@ import json
 import time
 from pathlib import Path
 
-from .args import add_data_args, add_recipe_args, bounded_float, bounded_int, load_data, recipe_from_args
+from .args import add_data_args, add_preset_and_recipe_args, bounded_float, bounded_int, load_data, recipe_from_args
 
 
 def register(sub) -> None:
@@ -15,11 +15,7 @@ def register(sub) -> None:
                                    "smoothed loss passes 4x its best, puts the weights back, and writes "
                                    "lr_find.png and lr_find.json. Suggested lr: the lr at the smoothed loss's "
                                    "minimum / 10 (the steepest descent is shown too).")
-    from ..recipes import PRESETS
-
-    g = p.add_argument_group("recipe (defaults come from --preset; --lr is ignored: the test sweeps it)")
-    g.add_argument("--preset", default="exercise", choices=sorted(PRESETS), help="recipe preset (default: exercise)")
-    add_recipe_args(g)
+    add_preset_and_recipe_args(p, "recipe (defaults come from --preset; --lr is ignored: the test sweeps it)")
     t = p.add_argument_group("range test")
     t.add_argument("--steps", type=bounded_int(3, 100_000),
                    help="at most this many steps (default: 12,800 images' worth, at least 100: 400 at batch 32)")

@@ -69,7 +69,8 @@ class Trainer:
                  channels_last: bool, dist: DistInfo, log=print):
         self.recipe, self.model, self.train_model, self.optimizer = recipe, model, model, optimizer
         self.eval_model = model  # what validation and the final checkpoint use (EMA replaces it)
-        self.val_split, self.normalization, self.device, self.dist, self.log = val_split, normalization, device, dist, log
+        self.val_split, self.normalization, self.device = val_split, normalization, device
+        self.dist, self.log = dist, log
         self.precision, self.channels_last = precision, channels_last
         self.images, self.labels = train_split.images.to(device), train_split.labels.to(device)
         self.n = len(train_split)

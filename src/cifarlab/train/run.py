@@ -196,7 +196,8 @@ def describe(t: Trainer, adaptive: bool) -> str:
     return (f"training {t.model.declaration['name']} ({t.model.num_parameters():,} parameters) on {t.device}, "
             f"{torch.get_num_threads()} threads{' (adaptive)' if adaptive else ''}, {t.precision}; {t.n:,} images, "
             f"batch {recipe.batch_size}{processes}, {recipe.epochs} epochs; validation: {t.val_source}"
-            + (f"; {', '.join(doctor)}" if doctor else "") + f"\n{plan.describe()}" + (f"\n{warning}" if warning else ""))
+            + (f"; {', '.join(doctor)}" if doctor else "") + f"\n{plan.describe()}"
+            + (f"\n{warning}" if warning else ""))
 
 
 def _maybe_compile(model, log):

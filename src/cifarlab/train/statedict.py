@@ -25,6 +25,7 @@ def checked_int(state: dict, name: str, lo: int, hi: int) -> int:
 
 def checked_float(state: dict, name: str, lo: float, hi: float) -> float:
     value = state[name]
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (math.isfinite(value) and lo <= value <= hi):
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and lo <= value <= hi):
         raise ValueError(f"{name}: expected a number in {lo:g}..{hi:g}, got {value!r:.60}")
     return float(value)
