@@ -10,8 +10,8 @@ import time
 import torch
 
 import cifarlab
-from cifarlab import attribution as attr
-from cifarlab import faithfulness as fa
+from cifarlab.explain import methods as attr
+from cifarlab.explain import faithfulness as fa
 from cifarlab.transforms import Normalization
 
 

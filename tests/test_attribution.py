@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import cifarlab
-from cifarlab import attribution as attr
+from cifarlab.explain import methods as attr
 from attribution_nets import NORM, LinearNet, RegionNet, region_images, small_cnn, random_images
 
 FAST = {"smoothgrad": {"samples": 4}, "integrated_gradients": {"steps": 16}}
@@ -39,8 +39,14 @@ def test_default_grad_cam_layer_is_last_conv_after_its_activation():
     assert attr.last_conv_layer(RegionNet(), NORM(random_images(1, size=(16, 16)))) == "act"
     a = attr.attribute("grad_cam", net, random_images(2), NORM)
     assert a.layer == "leaky_re_lu_4"
-    with pytest.raises(ValueError, match="conv layers: conv1"):
+    # A cifarlab Net: the declared-layer rule that visualize uses (one rule, no second implementation).
+    from cifarlab.net_layers import default_cam_layer
+    assert attr.default_layer(net, NORM(random_images(1))) == default_cam_layer(net) == "leaky_re_lu_4"
+    from cifarlab.errors import VisualizationError
+    with pytest.raises(VisualizationError, match="no layer named 'nope'; its layers: conv1"):
         attr.attribute("grad_cam", net, random_images(2), NORM, layer="nope")
+    with pytest.raises(ValueError, match="conv layers: conv"):  # any other nn.Module: the hook-based lookup
+        attr.attribute("grad_cam", RegionNet(), random_images(2, size=(16, 16)), NORM, layer="nope")
 
 
 def test_ig_and_one_pixel_occlusion_are_exact_on_a_linear_net():

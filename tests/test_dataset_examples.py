@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cifarlab import dataset_examples as dx
+from cifarlab.explain import examples as dx
 from attribution_nets import NORM, small_cnn, random_images
 
 

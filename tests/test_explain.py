@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cifarlab import attribution as attr
+from cifarlab.explain import methods as attr
 from cifarlab import explain
+from cifarlab.explain import overview
 from cifarlab import visualize as V
 from cifarlab.data import Dataset, Split
 from cifarlab.models import build_model
@@ -95,9 +96,9 @@ def test_switches(tiny, tmp_path):
 
 def test_colour_scale_is_fixed_per_method():
     signed = torch.tensor([[[-2.0, 1.0]], [[0.5, 4.0]]])
-    vmin, vmax, cmap = explain.method_scale(signed)
+    vmin, vmax, cmap = overview.method_scale(signed)
     assert vmin == -vmax and cmap == "RdBu_r" and 3.5 < vmax <= 4.0
-    vmin, vmax, cmap = explain.method_scale(signed.abs())
+    vmin, vmax, cmap = overview.method_scale(signed.abs())
     assert vmin == 0 and cmap == "inferno"
 
 
@@ -108,8 +109,15 @@ def test_bad_settings():
         explain.ExplainSettings(methods=("lime",)).validate()
 
 
-def test_beats_random_reads_either_curve():
+def test_the_faithfulness_verdict_is_worded_per_metric():
+    """Saliency's insertion can beat random while its deletion does not: one pooled "beats random" hid that."""
     row = {"vs_random": {"deletion": {"beats_random": False}, "insertion": {"beats_random": True}}}
-    assert explain.beats_random(row)
+    assert explain.faithfulness_verdict(row) == "beats random on insertion, not on deletion"
+    assert explain.beats_random(row, "insertion") and not explain.beats_random(row, "deletion")
+    assert not explain.beats_random(row)  # both metrics asked: no
     row["vs_random"]["insertion"]["beats_random"] = False
-    assert not explain.beats_random(row)
+    assert explain.faithfulness_verdict(row) == "no better than random on deletion or insertion"
+    row["vs_random"]["deletion"]["beats_random"] = row["vs_random"]["insertion"]["beats_random"] = True
+    assert explain.faithfulness_verdict(row) == "beats random on deletion and insertion" and explain.beats_random(row)
+    row["vs_random"]["insertion"]["beats_random"] = False
+    assert explain.faithfulness_verdict(row) == "beats random on deletion, not on insertion"

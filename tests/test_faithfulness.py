@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from cifarlab import attribution as attr
-from cifarlab import faithfulness as fa
+from cifarlab.explain import methods as attr
+from cifarlab.explain import faithfulness as fa
 from attribution_nets import NORM, RegionNet, random_images, region_images, small_cnn
 
 

@@ -14,6 +14,7 @@ import torch
 
 from cifarlab import checkpoints as C
 from cifarlab import models as M
+from cifarlab import explain
 from cifarlab import visualize as V
 from cifarlab.data import CIFAR10
 from cifarlab.errors import DeclarationError
@@ -299,10 +300,11 @@ def test_stimuli_per_block_output_and_grad_cam_by_name(resnet_tiny, cifar):
 
     images = cifar.test.images[:4]
     assert V.default_cam_layer(model) == "block2_relu"
-    cam, classes = V.grad_cam(model, images, norm)
-    assert cam.shape == (4, 32, 32) and float(cam.max()) == pytest.approx(1.0)
-    cam_inner, _ = V.grad_cam(model, images, norm, classes, layer="block1.conv2")
-    assert cam_inner.shape == (4, 32, 32)
+    cam = explain.attribute("grad_cam", model, images, norm)  # the one registry: the same default layer
+    assert cam.layer == "block2_relu" and cam.maps.shape == (4, 32, 32) and float(cam.maps.min()) >= 0
+    classes = cam.targets
+    cam_inner = explain.attribute("grad_cam", model, images, norm, target=classes, layer="block1.conv2")
+    assert cam_inner.maps.shape == (4, 32, 32)
     # By hand: the gradient of the logit with respect to block2's output (after its ReLU).
     feats = {}
     handle = model.block2_relu.register_forward_hook(lambda m, a, out: feats.setdefault("f", out))
@@ -310,12 +312,12 @@ def test_stimuli_per_block_output_and_grad_cam_by_name(resnet_tiny, cifar):
     handle.remove()
     (g,) = torch.autograd.grad(logits[0, int(classes[0])], feats["f"])
     by_hand = torch.relu((g.mean((2, 3), keepdim=True) * feats["f"]).sum(1))[0].detach()
-    small_cam = torch.nn.functional.avg_pool2d(cam[:1, None], 4)[0, 0]
+    small_cam = torch.nn.functional.avg_pool2d(cam.maps[:1, None], 4)[0, 0]
     assert torch.corrcoef(torch.stack([small_cam.flatten(), by_hand.flatten()]))[0, 1] > 0.95
     with pytest.raises(V.VisualizationError, match="no layer named 'block9'"):
-        V.grad_cam(model, images, norm, layer="block9")
+        explain.attribute("grad_cam", model, images, norm, layer="block9")
     with pytest.raises(V.VisualizationError, match=r"needs a layer with a \(C, H, W\) output; 'fc' outputs \(10,\)"):
-        V.grad_cam(model, images, norm, layer="fc")
+        explain.attribute("grad_cam", model, images, norm, layer="fc")
 
 
 def test_cli_visualize_a_residual_net_with_a_named_layer(resnet_tiny, data_dir, tmp_path):

@@ -36,3 +36,8 @@ class TrainingError(CifarlabError):
 
 class ReportError(CifarlabError):
     """The report cannot be built (no run folder, no checkpoint, unreadable results)."""
+
+
+class VisualizationError(CifarlabError):
+    """A visualization that cannot be made (bad image index, unknown method, unusable output folder)."""
+

@@ -115,12 +115,19 @@ class Evaluation:
     classes: list[str]
     labels: np.ndarray          # (N,) true labels
     logits: np.ndarray          # (N, number of classes)
+    temperature: float | None = None  # the run's fitted T: probabilities are softmax(logits / T), as predict's
     probabilities: np.ndarray = field(init=False)
     predictions: np.ndarray = field(init=False)
 
     def __post_init__(self):
-        self.probabilities = torch.softmax(torch.from_numpy(self.logits), 1).numpy()
-        self.predictions = self.probabilities.argmax(1)
+        t = self.temperature if self.temperature else 1.0
+        self.probabilities = torch.softmax(torch.from_numpy(self.logits) / t, 1).numpy()
+        self.predictions = self.probabilities.argmax(1)  # the same with or without T (argmax is unchanged)
+
+    def tempered(self, temperature: float | None) -> "Evaluation":
+        """The same logits with probabilities of ``softmax(logits / T)``: what galleries and scores show, so
+        they agree with ``predict``; accuracy, loss and calibration still read the logits."""
+        return Evaluation(self.classes, self.labels, self.logits, temperature)
 
     @property
     def accuracy(self) -> float:

@@ -414,6 +414,8 @@ class OODDetector:
     threshold_info: dict
     device: object = None
     batch_size: int = 128
+    bank_indices: torch.Tensor | None = None  # (N,) int64: each bank row's index in ``train``
+    train: object = None                      # the run's training Split (images and labels), for neighbours
 
     def score(self, images: torch.Tensor) -> dict[str, np.ndarray]:
         feats, logits = features_and_logits(self.model, images, self.normalization, self.batch_size, self.device)
@@ -424,6 +426,18 @@ class OODDetector:
             return {name: np.empty(0) for name in SCORES}
         return {"knn": knn_scores(normalize_rows(features), self.bank, self.k),
                 "msp": msp_scores(logits, self.temperature), "energy": energy_scores(logits)}
+
+    def nearest(self, features: torch.Tensor, n: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``n`` training images nearest to each row of penultimate ``features`` (cosine similarity of
+        L2-normalised features, the KNN score's own geometry): (similarities (Q, n), training indices (Q, n)),
+        most similar first."""
+        if self.bank_indices is None or not len(self.bank):
+            raise OODError("this detector has no bank indices, so no nearest training images")
+        n = max(1, min(int(n), len(self.bank)))
+        with torch.inference_mode():
+            sim = normalize_rows(features).to(self.bank.device) @ self.bank.T
+            top = torch.topk(sim, n, dim=1, largest=True, sorted=True)
+        return top.values.cpu(), self.bank_indices[top.indices.cpu()]
 
     def flag(self, images: torch.Tensor) -> np.ndarray:
         return self.flags_of(self.score(images)["knn"])
@@ -501,7 +515,8 @@ def prepare(source, data, k: int = DEFAULT_K, log=print, run_dir=None, device=No
     threshold_info = _threshold(folder / THRESHOLD_FILE, bank, features, k, log)
     return OODDetector(model=model, normalization=normalization, bank=features, k=k,
                        threshold=threshold_info["threshold"], temperature=checkpoint_temperature(ckpt.meta),
-                       run_dir=run_dir, info=bank.info, threshold_info=threshold_info, device=device)
+                       run_dir=run_dir, info=bank.info, threshold_info=threshold_info, device=device,
+                       bank_indices=bank.indices, train=train)
 
 
 def _build_bank(model, normalization, train, bank_idx, hold_idx, what, expected, k, device, log) -> Bank:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from . import plots
 from .checkpoints import Checkpoint
@@ -14,7 +15,8 @@ from .devices import resolve_device
 from .data import Dataset
 from .errors import CheckpointError
 from .evaluate import TTA_LEVELS, Evaluation, accuracy_gap, checkpoint_tta, evaluate_model, tta_level
-from .fsutil import atomic_write_json
+from .fsutil import atomic_write_bytes, atomic_write_json
+from .temperature import checkpoint_temperature
 from .transforms import Normalization
 
 
@@ -53,6 +55,9 @@ def evaluate_to_folder(ckpt: Checkpoint, data: Dataset, out_dir: str | Path, see
     results["shift"] = [dict(accuracy_gap(ev, _evaluate_on(ckpt, other, normalization, tta, device)),
                              dataset=other.spec or other.name) for other in shifted]
     results["calibration"], reliability = calibration_results(ev, ckpt.meta, out_dir / "reliability.png")
+    ev = ev.tempered(checkpoint_temperature(ckpt.meta))  # galleries' scores = predict's calibrated probabilities
+    results["scores"] = ("softmax(logits / T), T = %.4f (the run's temperature)" % ev.temperature
+                         if ev.temperature else "softmax(logits): the run has no temperature")
     results["worst_mistakes"] = [
         {"index": int(i), "true": data.classes[ev.labels[i]], "predicted": data.classes[ev.predictions[i]],
          "score": float(ev.probabilities[i, ev.predictions[i]])} for i in worst_idx]
@@ -66,11 +71,59 @@ def evaluate_to_folder(ckpt: Checkpoint, data: Dataset, out_dir: str | Path, see
                                                    "Most confident mistakes"),
         "reliability": reliability,
     }
+    files["predictions"] = save_predictions(out_dir / PREDICTIONS_FILE, ev)
     atomic_write_json(out_dir / "confusion_matrix.json", {"classes": list(data.classes),
                                                           "rows": "true class", "columns": "predicted class",
                                                           "counts": ev.confusion.tolist()})
     atomic_write_json(files["results"], results)
     return ev, {k: str(v) for k, v in files.items()}
+
+
+PREDICTIONS_FILE = "predictions.safetensors"
+PREDICTIONS_FORMAT = "cifarlab-predictions-1"
+MAX_PREDICTION_IMAGES = 10 ** 8
+
+
+def save_predictions(path: Path, ev: Evaluation) -> Path:
+    """Per test image, its true and predicted class and the predicted class's probability (what the
+    report's confusion-cell galleries and feature map show): safetensors, written atomically."""
+    from safetensors.torch import save
+
+    tensors = {"labels": torch.from_numpy(np.asarray(ev.labels, np.int64)),
+               "predicted": torch.from_numpy(np.asarray(ev.predictions, np.int64)),
+               "confidence": torch.from_numpy(np.clip(ev.probabilities.max(1), 0, 1).astype(np.float32))}
+    meta = {"format": PREDICTIONS_FORMAT, "classes": str(len(ev.classes))}
+    atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta))
+    return path
+
+
+def load_predictions(path: Path, num_classes: int, num_images: int) -> dict[str, np.ndarray]:
+    """:func:`save_predictions`'s file read back: a regular file of a bounded size, then keys, dtypes,
+    shapes (``num_images`` each), classes in range and probabilities in 0..1; a one-line
+    ValidationError naming the file otherwise."""
+    from .checkpoints import read_safetensors
+    from .validation import ValidationError
+
+    if not 0 <= num_images <= MAX_PREDICTION_IMAGES:
+        raise ValidationError(f"{path}: {num_images} test images is out of bounds")
+    tensors, meta = read_safetensors(path, 20 * num_images + 4096)  # 8 + 8 + 4 bytes per image + header
+    if meta.get("format") != PREDICTIONS_FORMAT or meta.get("classes") != str(num_classes):
+        raise ValidationError(f"{path}: not {PREDICTIONS_FORMAT} for {num_classes} classes; re-run cifarlab evaluate")
+    expected = {"labels": torch.int64, "predicted": torch.int64, "confidence": torch.float32}
+    if set(tensors) != set(expected):
+        raise ValidationError(f"{path}: holds {sorted(tensors)}, expected {sorted(expected)}; re-run cifarlab evaluate")
+    for name, dtype in expected.items():
+        t = tensors[name]
+        if t.dtype != dtype or t.shape != (num_images,):
+            raise ValidationError(f"{path}: {name} is {t.dtype} {tuple(t.shape)}, expected {dtype} ({num_images},); "
+                                  "re-run cifarlab evaluate")
+    for name in ("labels", "predicted"):
+        if num_images and not (0 <= int(tensors[name].min()) and int(tensors[name].max()) < num_classes):
+            raise ValidationError(f"{path}: {name} outside 0..{num_classes - 1}; re-run cifarlab evaluate")
+    conf = tensors["confidence"]
+    if num_images and not (torch.isfinite(conf).all() and 0 <= float(conf.min()) and float(conf.max()) <= 1):
+        raise ValidationError(f"{path}: confidence outside 0..1; re-run cifarlab evaluate")
+    return {name: t.numpy() for name, t in tensors.items()}
 
 
 def calibration_results(ev: Evaluation, meta: dict, png: Path) -> tuple[dict, Path]:

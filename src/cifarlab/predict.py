@@ -47,11 +47,33 @@ def predict_images(ckpt: Checkpoint, images: torch.Tensor, top_k: int = 3, tta: 
 
 
 def predict_files(ckpt: Checkpoint, paths, top_k: int = 3, tta: int | None = None,
-                  device: str | None = None, fit: str | None = None, ood=None) -> list[dict]:
+                  device: str | None = None, fit: str | None = None, ood=None, explain_dir=None,
+                  methods=None, neighbours: int = 5) -> list[dict]:
     """One entry per file, in order: {"image", "predictions"} or {"image", "error"} for an unreadable one.
     ``fit``: how pictures are made square; None (the right choice): as the checkpoint's training data was.
     ``ood``: an :class:`cifarlab.ood.OODDetector`, or a function of no arguments returning one (or None),
-    called only when at least one file was read; each read file's entry then gets "ood"."""
+    called only when at least one file was read; each read file's entry then gets "ood".
+    ``explain_dir``: also explain each read photo (:mod:`cifarlab.explain.photo`: ``methods``, default
+    Integrated Gradients and Grad-CAM; ``neighbours`` nearest training images) into that folder; its entry
+    gets "explanation" ({"png", "html", "neighbours", ...})."""
+    entries, good, images = read_files(ckpt, paths, fit)
+    if images is None:
+        return entries
+    predictions = predict_images(ckpt, images, top_k, tta, device)
+    for i, p in zip(good, predictions):
+        entries[i]["predictions"] = p
+    detector = ood() if callable(ood) else ood
+    if detector is not None:
+        for i, knn in zip(good, detector.score(images)["knn"]):
+            entries[i]["ood"] = detector.entry(float(knn))
+    if explain_dir is not None:
+        _explain(ckpt, entries, good, images, predictions, detector, explain_dir, methods, neighbours)
+    return entries
+
+
+def read_files(ckpt: Checkpoint, paths, fit: str | None = None) -> tuple[list[dict], list[int], torch.Tensor | None]:
+    """(an entry per file, the positions of the files read, their uint8 images or None), each file read the
+    checkpoint's way (its image size, its training data's fit)."""
     from .models import input_shape
 
     size = input_shape(ckpt.meta["architecture"])[-1]
@@ -64,14 +86,20 @@ def predict_files(ckpt: Checkpoint, paths, top_k: int = 3, tta: int | None = Non
             entries.append({"image": str(path)})
         except ImageError as e:
             entries.append({"image": str(path), "error": str(e)})
-    if tensors:
-        for i, predictions in zip(good, predict_images(ckpt, torch.stack(tensors), top_k, tta, device)):
-            entries[i]["predictions"] = predictions
-        detector = ood() if callable(ood) else ood
-        if detector is not None:
-            for i, knn in zip(good, detector.score(torch.stack(tensors))["knn"]):
-                entries[i]["ood"] = detector.entry(float(knn))
-    return entries
+    return entries, good, (torch.stack(tensors) if tensors else None)
+
+
+def _explain(ckpt, entries, good, images, predictions, detector, out_dir, methods, neighbours) -> None:
+    from .explain import PHOTO_METHODS
+    from .explain.photo import explain_photos, write_all
+
+    model_device = next(ckpt.model.parameters()).device
+    found = explain_photos(ckpt, images.to(model_device), [entries[i]["image"] for i in good], predictions, detector,
+                           methods or PHOTO_METHODS, neighbours, [entries[i].get("ood") for i in good])
+    for i, e, files in zip(good, found, write_all(found, out_dir, checkpoint_temperature(ckpt.meta))):
+        entries[i]["explanation"] = dict(files, **{k: v for k, v in e.to_dict().items()
+                                                   if k in ("methods", "gradcam_layer", "neighbours",
+                                                            "neighbours_agreeing", "notes")})
 
 
 def format_text(entries: list[dict]) -> str:
@@ -86,4 +114,10 @@ def format_text(entries: list[dict]) -> str:
         ood = entry.get("ood")
         if ood and ood["flag"]:
             lines.append(f"  ! {FLAG_TEXT} (score {ood['score']:.4f}, threshold {ood['threshold']:.4f})")
+        explained = entry.get("explanation")
+        if explained:
+            if explained["neighbours"]:
+                lines.append(f"  nearest training images: {explained['neighbours_agreeing']} of "
+                             f"{len(explained['neighbours'])} are {entry['predictions'][0]['class']}")
+            lines.append(f"  why: {explained['png']}")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""See what the network learned: maximum stimuli, filters, activation maps, saliency and Grad-CAM.
+"""See what the network learned: maximum stimuli, filters, activation maps, saliency and Grad-CAM overlays.
 
 Maximum stimuli are found by gradient ascent in input space, for the output of the activation that
 follows each conv layer (one stimulus per channel, objective: the channel's mean activation) and for
@@ -31,8 +31,9 @@ with forward hooks; nothing slices the net by position. Stimulus targets are eac
 residual block of the net's main path (after the activation that follows it), see :func:`stimulus_targets`.
 
 Also here: first-layer filters as images, activation maps of each target (or any named layer) for an
-image, saliency (input gradient) and Grad-CAM on a named layer (default: the last conv layer or block),
-their PNG plots, and ``cifarlab visualize``.
+image, saliency and Grad-CAM overlays (computed by :mod:`cifarlab.explain`, the one registry of attribution
+methods; Grad-CAM on a named layer, default the last conv layer or block), their PNG plots, and
+``cifarlab visualize``. Layers and stimulus targets are found in :mod:`cifarlab.net_layers`.
 """
 from __future__ import annotations
 
@@ -50,10 +51,12 @@ from torch import nn
 
 from . import explain, plots
 from .data.cifar10 import CIFAR10_MEAN
-from .errors import CifarlabError
-from .attribution import evaluating as _evaluating  # eval mode for the block, then the caller's mode
+from .errors import VisualizationError
 from .evaluate import predict_logits
+from .explain.methods import evaluating as _evaluating  # eval mode for the block, then the caller's mode
 from .fsutil import atomic_write_json
+from .net_layers import (ACTIVATION_TYPES, Target, check_cam_layer, default_cam_layer, find_layer, image_shape,  # noqa: F401
+                         layer_infos, layer_names, num_outputs, stimulus_targets)
 from .transforms import Normalization
 
 # Training-set pixel statistics in 0..1 units, computed from the official binary files (50,000 images;
@@ -67,100 +70,10 @@ ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.Tanh)
 METHODS = ("default", "exercise")
 
 
-class VisualizationError(CifarlabError):
-    """A visualization that cannot be made (bad image index, unknown method, unusable output folder)."""
-
 
 # ---------------------------------------------------------------------------------------------------
 # What to maximize
 
-
-@dataclass(frozen=True)
-class Target:
-    """One layer whose channels (or the classes) get a stimulus each, found by its name.
-
-    ``name`` is the layer (its dotted module name) whose output is maximized, "classes" for the net's
-    output. ``position`` is that layer's index among all declared layers in execution order (blocks
-    before their layers); it only seeds the layer's noise. For a net without blocks it is the layer's
-    index in the net, as it always was, so the same seed gives the same stimuli as before.
-    """
-
-    name: str        # e.g. "leaky_re_lu_1", "layer2_1_relu", or "classes"
-    conv: str        # the conv layer or residual block it belongs to ("" for classes)
-    kind: str        # "conv", "block" or "class"
-    position: int
-    channels: int
-    image_shape: tuple = (3, 32, 32)  # (C, H, W) of the network's input
-
-    @property
-    def spatial(self) -> bool:
-        """A feature map (C, H, W): a conv's or a block's output."""
-        return self.kind != "class"
-
-
-def image_shape(model: nn.Module) -> tuple[int, int, int]:
-    """(C, H, W) the model takes: its declaration says (3x32x32 for models declared before that key)."""
-    declaration = getattr(model, "declaration", None) or {}
-    return tuple(declaration.get("input_shape", (3, 32, 32)))
-
-
-# Declared layer types: the activations a stimulus target moves to, and what ends the search for one.
-ACTIVATION_TYPES = ("relu", "leaky_relu", "gelu", "tanh")
-_TARGET_BARRIERS = ("conv", "whiten", "dense", "flatten", "residual")
-
-
-def _layer_infos(model: nn.Module) -> list:
-    from .models import layers
-
-    declaration = getattr(model, "declaration", None)
-    if declaration is None:
-        raise VisualizationError("visualizing needs a cifarlab Net (a model built from a declaration)")
-    return layers(declaration)
-
-
-def stimulus_targets(model: nn.Module) -> list[Target]:
-    """For each conv layer and each residual block of the net's main path, its output after the
-    activation that follows it (the conv's or block's own output if none follows before the next conv,
-    block, dense or flatten), then the class logits. Layers inside blocks are not targets: a residual
-    net gets one stimulus set per block output."""
-    infos = _layer_infos(model)
-    index = {info.name: i for i, info in enumerate(infos)}
-    top = [info for info in infos if info.depth == 0]
-    shape = image_shape(model)
-    targets = []
-    for j, info in enumerate(top):
-        if info.type not in ("conv", "residual") or len(info.output_shape) != 3:
-            continue  # the frozen whitening conv is not a learned feature; nor is a block that flattens
-        chosen = info
-        for other in top[j + 1:]:
-            if other.type in _TARGET_BARRIERS:
-                break
-            if other.type in ACTIVATION_TYPES:
-                chosen = other
-                break
-        kind = "conv" if info.type == "conv" else "block"
-        targets.append(Target(chosen.name, info.name, kind, index[chosen.name], chosen.output_shape[0], shape))
-    targets.append(Target("classes", "", "class", index[top[-1].name], top[-1].output_shape[0], shape))
-    return targets
-
-
-def _num_outputs(model: nn.Module) -> int:
-    return int([info for info in _layer_infos(model) if info.depth == 0][-1].output_shape[0])
-
-
-def layer_names(model: nn.Module, spatial: bool = False) -> list[str]:
-    """Every declared layer's (dotted) name; with ``spatial``, only those that output a (C, H, W) map."""
-    return [info.name for info in _layer_infos(model) if not spatial or len(info.output_shape) == 3]
-
-
-def _module(model: nn.Module, name: str) -> nn.Module:
-    """The module called ``name`` (a declared layer's dotted name), or a clear error listing the names."""
-    module = dict(model.named_modules()).get(name) if name else None
-    if module is None:
-        names = layer_names(model)
-        shown = ", ".join(names[:30]) + (f", ... ({len(names)} in all)" if len(names) > 30 else "")
-        raise VisualizationError(f"the model has no layer named {name!r}; its layers: {shown}")
-    return module
 
 
 class _Stop(Exception):
@@ -181,7 +94,7 @@ class _Probe:
 
     def __init__(self, model: nn.Module, name: str | None, stop: bool = True):
         self.model, self.stop, self.out = model, stop, None
-        self.handle = None if name is None else _module(model, name).register_forward_hook(self._hook)
+        self.handle = None if name is None else find_layer(model, name).register_forward_hook(self._hook)
 
     def _hook(self, module, args, output):
         self.out = output
@@ -525,7 +438,7 @@ def activation_maps(model: nn.Module, image: torch.Tensor, normalization: Normal
     stimulus target, i.e. every conv layer's and residual block's output after its activation), taken
     by forward hooks in one pass."""
     names = list(layers) if layers is not None else [t.name for t in stimulus_targets(model) if t.spatial]
-    modules = {name: _module(model, name) for name in names}
+    modules = {name: find_layer(model, name) for name in names}
     maps: dict[str, torch.Tensor] = {}
 
     def keep(name):
@@ -541,75 +454,6 @@ def activation_maps(model: nn.Module, image: torch.Tensor, normalization: Normal
         for handle in handles:
             handle.remove()
     return {name: maps[name] for name in names}
-
-
-def _logits_and_input_grad(model, images, normalization, classes):
-    x = normalization(images).requires_grad_(True)
-    logits = model(x)
-    classes = logits.argmax(1) if classes is None else torch.as_tensor(classes)
-    (grad,) = torch.autograd.grad(logits[torch.arange(len(x)), classes].sum(), x)
-    return grad, classes
-
-
-def saliency(model: nn.Module, images: torch.Tensor, normalization: Normalization,
-             classes=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """|d logit / d input|, max over color channels, scaled to 0..1 per image; and the classes explained
-    (the predicted ones unless given)."""
-    with _evaluating(model):
-        grad, classes = _logits_and_input_grad(model, images, normalization, classes)
-    sal = grad.abs().amax(1)
-    return sal / sal.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1), classes
-
-
-def default_cam_layer(model: nn.Module) -> str:
-    """Grad-CAM's default layer: the last conv layer's or residual block's output (after its activation),
-    i.e. the last spatial stimulus target."""
-    spatial = [t for t in stimulus_targets(model) if t.spatial]
-    if not spatial:
-        raise VisualizationError("the model has no conv layer; Grad-CAM needs one")
-    return spatial[-1].name
-
-
-def check_cam_layer(model: nn.Module, layer: str | None) -> str:
-    """``layer`` (default: :func:`default_cam_layer`) if it names a layer with a (C, H, W) output."""
-    if layer is None:
-        return default_cam_layer(model)
-    _module(model, layer)  # an unknown name: the error lists the names
-    shapes = {info.name: info.output_shape for info in _layer_infos(model)}
-    if len(shapes[layer]) != 3:
-        spatial = layer_names(model, spatial=True)
-        raise VisualizationError(f"Grad-CAM needs a layer with a (C, H, W) output; {layer!r} outputs "
-                                 f"{tuple(shapes[layer])}. Layers with one: {', '.join(spatial[-12:])}")
-    return layer
-
-
-def grad_cam(model: nn.Module, images: torch.Tensor, normalization: Normalization,
-             classes=None, layer: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grad-CAM on the layer named ``layer`` (default: the last conv layer or block, after its
-    activation): channel weights = spatial mean of the class logit's gradient with respect to that
-    layer's output, map = ReLU of the weighted sum, upsampled to the image size and scaled to 0..1.
-
-    A forward hook replaces the layer's output by a detached copy that requires grad, so the gradient is
-    taken with respect to exactly that tensor whatever the parameters' ``requires_grad``."""
-    layer = check_cam_layer(model, layer)
-    captured = {}
-
-    def hook(module, args, output):
-        captured["features"] = output.detach().requires_grad_(True)
-        return captured["features"]
-
-    handle = _module(model, layer).register_forward_hook(hook)
-    try:
-        with _evaluating(model), torch.enable_grad():
-            logits = model(normalization(images))
-    finally:
-        handle.remove()
-    features = captured["features"]
-    classes = logits.argmax(1) if classes is None else torch.as_tensor(classes)
-    (grad,) = torch.autograd.grad(logits[torch.arange(len(images)), classes].sum(), features)
-    cam = F.relu((grad.mean((2, 3), keepdim=True) * features.detach()).sum(1, keepdim=True))
-    cam = F.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    return cam / cam.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1), classes
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -718,6 +562,12 @@ def plot_activation_maps(image: torch.Tensor, maps: dict[str, torch.Tensor], tit
     return plots.save_figure(fig, path)
 
 
+def per_image_unit(maps: torch.Tensor) -> torch.Tensor:
+    """Non-negative maps (N, H, W) scaled to 0..1 per image, for an overlay (an all-zero map stays zero)."""
+    maps = maps.clamp_min(0)
+    return maps / maps.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
+
+
 def plot_attributions(images: torch.Tensor, sal: torch.Tensor, cam: torch.Tensor, titles: list[str],
                       path, cam_layer: str = "the last conv layer") -> Path:
     """One column per image: the image, saliency overlaid, Grad-CAM overlaid."""
@@ -767,7 +617,7 @@ def render_all(ckpt, out_dir, data=None, method: str = "default", seed: int = 0,
     model = ckpt.model.cpu().eval()
     cam_layer = check_cam_layer(model, cam_layer)  # before the long part: a bad name fails at once
     normalization = Normalization.from_dict(ckpt.meta["normalization"])
-    classes = list(ckpt.meta.get("classes") or [str(i) for i in range(_num_outputs(model))])
+    classes = list(ckpt.meta.get("classes") or [str(i) for i in range(num_outputs(model))])
     settings = settings or StimulusSettings.for_method(method)
     files, probs, seconds = {}, {}, {}
 
@@ -814,9 +664,12 @@ def _image_plots(model, normalization, data, images, out_dir: Path, cam_layer: s
     test = data.test
     indices = _check_indices(images, len(test))
     batch = test.images[indices]
-    sal, predicted = saliency(model, batch, normalization)
+    # The overlays come from the one registry of methods (cifarlab.explain), scaled to 0..1 per image here.
+    sal = explain.attribute("saliency", model, batch, normalization, target="predicted")
+    predicted = sal.targets
     cam_layer = check_cam_layer(model, cam_layer)
-    cam, _ = grad_cam(model, batch, normalization, predicted, layer=cam_layer)
+    cam = explain.attribute("grad_cam", model, batch, normalization, target=predicted, layer=cam_layer)
+    sal, cam = per_image_unit(sal.maps), per_image_unit(cam.maps)
     probs = class_probabilities(model, batch, normalization)
     titles = [f"#{i} true: {data.classes[test.labels[i]]}\npred: {data.classes[p]} {probs[k, p]:.2f}"
               for k, (i, p) in enumerate(zip(indices, predicted.tolist()))]

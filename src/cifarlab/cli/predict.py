@@ -7,9 +7,12 @@ import sys
 from pathlib import Path
 
 from .args import EXIT_ERROR, add_tta_argument, bounded_int
+from .visualize import attribution_methods
 
 
 def register(sub) -> None:
+    from ..explain.methods import METHODS
+
     p = sub.add_parser("predict", help="top-k classes of image files (any size or format)",
                        description="Predict the class of image files. Each is made upright (EXIF), converted "
                                    "to RGB (transparency on white), made square the way the checkpoint's "
@@ -29,6 +32,18 @@ def register(sub) -> None:
                         "threshold; needs the run folder and its dataset)")
     p.add_argument("--run", type=Path, metavar="RUN",
                    help="the run folder whose feature bank (RUN/ood/) to use when the checkpoint is not inside one")
+    g = p.add_argument_group("why this answer (--explain)")
+    g.add_argument("--explain", action="store_true",
+                   help="also write, per photo, a PNG and an HTML fragment: the photo as the net sees it, the "
+                        "calibrated top classes, the out-of-distribution verdict, attribution maps for the top "
+                        "class and the nearest training images with their labels")
+    g.add_argument("--explain-dir", type=Path, default=Path("explanations"), metavar="DIR",
+                   help="where --explain writes NNN-name.png/.html (made if missing; default: ./explanations)")
+    g.add_argument("--methods", type=attribution_methods, default=None, metavar="M1,M2",
+                   help="attribution methods for --explain, comma-separated, from: " + ", ".join(METHODS)
+                        + " (default: integrated_gradients,grad_cam)")
+    g.add_argument("--neighbours", type=bounded_int(1, 50), default=5,
+                   help="how many nearest training images --explain shows (default: 5)")
     p.set_defaults(func=run)
 
 
@@ -43,8 +58,11 @@ def run(args) -> int:
     # Loading may print warnings about skipped damaged checkpoints; keep stdout clean for --json.
     with contextlib.redirect_stdout(sys.stderr):
         ckpt = load_checkpoint(args.checkpoint)
-    entries = predict_files(ckpt, args.images, args.top_k, args.tta, args.device,
-                            ood=None if args.no_ood else lambda: _ood_detector(args, ckpt))
+    explain = {"explain_dir": args.explain_dir, "methods": args.methods, "neighbours": args.neighbours} \
+        if args.explain else {}
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        entries = predict_files(ckpt, args.images, args.top_k, args.tta, args.device,
+                                ood=None if args.no_ood else lambda: _ood_detector(args, ckpt), **explain)
     if args.json:
         print(json.dumps({"checkpoint": str(ckpt.path), "architecture": ckpt.meta["architecture"]["name"],
                           "results": entries}, indent=2))

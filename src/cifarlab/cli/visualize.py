@@ -54,7 +54,22 @@ def add_explain_args(p) -> None:
                         f"{explain.SANITY_IMAGES}; 0: skip)")
     g.add_argument("--example-images", type=bounded_int(0, 10 ** 9), default=None, metavar="K",
                    help="the first K test images searched for each channel's top-9 (default: all; 0: skip)")
+    g.add_argument("--methods", type=attribution_methods, default=None, metavar="M1,M2",
+                   help="attribution methods to draw and score, comma-separated, from: " + ", ".join(explain.METHODS)
+                        + " (default: all)")
     g.add_argument("--no-explanations", action="store_true", help="skip all of the above")
+
+
+def attribution_methods(text: str) -> tuple[str, ...]:
+    """``--methods saliency,grad_cam``: names checked against the one registry (cifarlab.explain.METHODS)."""
+    import argparse
+
+    from ..explain import check_methods
+
+    try:
+        return check_methods(text.split(","))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def explain_settings(args):
@@ -65,7 +80,8 @@ def explain_settings(args):
                            faithfulness_images=getattr(args, "faithfulness_images", default.faithfulness_images),
                            faithfulness_steps=getattr(args, "faithfulness_steps", default.faithfulness_steps),
                            sanity_images=getattr(args, "sanity_images", default.sanity_images),
-                           example_images=getattr(args, "example_images", default.example_images))
+                           example_images=getattr(args, "example_images", default.example_images),
+                           methods=getattr(args, "methods", None))
 
 
 def run(args) -> int:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import attribution as attr
+from . import methods as attr
 
 SANITY_THRESHOLD = 0.5
 STEPS = 32

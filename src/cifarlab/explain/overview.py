@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import attribution as attr
-from . import plots
-from .fsutil import atomic_write_json
+from . import methods as attr
+from .. import plots
+from ..fsutil import atomic_write_json
 
 # Defaults sized so that evaluate + visualize with everything on stays around a minute for the exercise
 # net on 2 cores (README, "What the defaults cost").
@@ -114,8 +114,7 @@ def render(model, normalization, data, indices: list[int], stimuli, out_dir: Pat
         summary["seconds"]["faithfulness"] = time.perf_counter() - started
         log(f"faithfulness on {n_faith} test images, {settings.faithfulness_steps} steps in "
             f"{summary['seconds']['faithfulness']:.1f} s: "
-            + ", ".join(f"{m} {'beats' if beats_random(r) else 'NO better than'} random"
-                        for m, r in table["methods"].items()))
+            + "; ".join(f"{m} {faithfulness_verdict(r)}" for m, r in table["methods"].items()))
 
     # 3. sanity check: cascading randomization
     n_sanity = min(settings.sanity_images, len(test))
@@ -143,15 +142,29 @@ def render(model, normalization, data, indices: list[int], stimuli, out_dir: Pat
     return files, summary
 
 
-def beats_random(row: dict) -> bool:
-    """A method beats random when it does on deletion or on insertion (mean per-image gain above two
-    standard errors); one that does neither is "no better than random"."""
+def beats_random(row: dict, metric: str | None = None) -> bool:
+    """Whether a method beats a random pixel order on ``metric`` ("deletion" or "insertion": mean
+    per-image gain above two standard errors), or on both when ``metric`` is None."""
     vs = row.get("vs_random", {})
-    return bool(vs.get("deletion", {}).get("beats_random") or vs.get("insertion", {}).get("beats_random"))
+    metrics = (metric,) if metric else ("deletion", "insertion")
+    return all(bool(vs.get(m, {}).get("beats_random")) for m in metrics)
+
+
+def faithfulness_verdict(row: dict) -> str:
+    """Worded per metric, never one pooled yes: "beats random on deletion and insertion", "beats random
+    on insertion, not on deletion", "no better than random on deletion or insertion". (Saliency can lift
+    the insertion curve yet delete worse than random: one word for both would hide that.)"""
+    won = [m for m in ("deletion", "insertion") if beats_random(row, m)]
+    lost = [m for m in ("deletion", "insertion") if m not in won]
+    if not lost:
+        return "beats random on deletion and insertion"
+    if not won:
+        return "no better than random on deletion or insertion"
+    return f"beats random on {won[0]}, not on {lost[0]}"
 
 
 def _dataset_examples(model, normalization, data, stimuli, settings, out_dir: Path, summary: dict) -> dict:
-    from . import dataset_examples as dx
+    from . import examples as dx
 
     test = data.test
     n = len(test) if settings.example_images is None else min(settings.example_images, len(test))

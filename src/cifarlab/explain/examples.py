@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import attribution as attr
+from . import methods as attr
 
 CLASSES = "classes"
 

@@ -30,8 +30,8 @@ Methods (``METHODS``; adding one is one entry there):
                    = window (non-overlapping: 64 forward passes per 32x32 image). A half-window stride
                    (225 passes) gives smoother maps but took 178 s for 500 images of the exercise net
                    on 2 shared cores: pass ``stride=2`` for it.
-``grad_cam``       Grad-CAM (Selvaraju et al. 2017) on a named layer (default: the last conv layer,
-                   after its activation if one follows): ReLU(sum_k mean(dY/dA_k) A_k), upsampled
+``grad_cam``       Grad-CAM (Selvaraju et al. 2017) on a named layer (default: :func:`default_layer`,
+                   the last conv layer's or block's output after its activation): ReLU(sum_k mean(dY/dA_k) A_k), upsampled
                    bilinearly to the image size. Hand-written with a forward hook.
 ``grad_cam_pp``    Grad-CAM++ (Chattopadhyay et al. 2018), the closed form for an exponential of the
                    score: alpha = g^2 / (2 g^2 + sum_ij A g^3), w_k = sum_ij alpha ReLU(g).
@@ -51,6 +51,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..net_layers import check_cam_layer, default_cam_layer
 
 ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.Tanh, nn.SiLU, nn.ELU, nn.Sigmoid)
 
@@ -222,6 +224,16 @@ def last_conv_layer(model: nn.Module, sample: torch.Tensor) -> str:
     return names[order[i][0]]
 
 
+def default_layer(model: nn.Module, sample: torch.Tensor) -> str:
+    """Grad-CAM's layer when none is named. A cifarlab Net: its last conv layer's or residual block's
+    output after the activation that follows it (:func:`cifarlab.net_layers.default_cam_layer`, the rule
+    ``visualize`` uses for its stimuli too; past BatchNorm, and a block's output after its skip addition).
+    Any other module: :func:`last_conv_layer` found by running ``sample``."""
+    if getattr(model, "declaration", None) is not None:
+        return default_cam_layer(model)
+    return last_conv_layer(model, sample)
+
+
 def baseline_colours(images: torch.Tensor, normalization) -> dict[str, torch.Tensor]:
     """Normalized (1, C, 1, 1) baseline colours: black, and the mean colour of ``images`` (all of them,
     so a map does not depend on how the images were batched)."""
@@ -290,13 +302,15 @@ class Attribution:
 
 def attribute(method: str, model: nn.Module, images: torch.Tensor, normalization, target="predicted",
               labels=None, layer: nn.Module | str | None = None, batch_size: int = 32, seed: int = 0,
-              **options) -> Attribution:
+              reference: torch.Tensor | None = None, **options) -> Attribution:
     """Maps of one method for uint8 ``images`` (N, C, H, W), in batches, in eval mode (restored after).
 
     ``target``: "predicted", "true" (with ``labels``) or class indices. ``layer``: for Grad-CAM(++), a
     module or a name from ``model.named_modules()`` (default :func:`last_conv_layer`). ``options`` go to
     the method: smoothgrad ``samples`` (16), ``noise`` (0.15); integrated_gradients ``steps`` (32),
-    ``baseline`` ("mean"); occlusion ``window``, ``stride``, ``baseline`` ("mean").
+    ``baseline`` ("mean"); occlusion ``window``, ``stride``, ``baseline`` ("mean"). ``reference``: uint8
+    images whose mean colour is the "mean" baseline (default: ``images`` themselves; for one photo, pass
+    the training images, or the baseline would be that photo's own mean colour).
     """
     if method not in METHODS:
         raise ValueError(f"unknown attribution method {method!r}: use one of {', '.join(METHODS)}")
@@ -305,20 +319,23 @@ def attribute(method: str, model: nn.Module, images: torch.Tensor, normalization
     # it made in inference mode (labels, images) are cloned before autograd sees them.
     with evaluating(model), torch.inference_mode(False), torch.enable_grad():
         maps, targets, layer_name = _attribute(method, model, images, normalization, target, labels, layer,
-                                               batch_size, seed, options)
+                                               batch_size, seed, options, reference)
     return Attribution(method, maps, targets, time.perf_counter() - start, layer_name)
 
 
-def _attribute(method, model, images, normalization, target, labels, layer, batch_size, seed, options):
+def _attribute(method, model, images, normalization, target, labels, layer, batch_size, seed, options, reference):
     device = _device(model)
     targets = resolve_targets(model, images, normalization, target, labels).clone()
-    ctx = Context(model, baseline_colour={k: v.to(device) for k, v in baseline_colours(images, normalization).items()},
+    colours = baseline_colours(images if reference is None else reference, normalization)
+    ctx = Context(model, baseline_colour={k: v.to(device) for k, v in colours.items()},
                   value_range=_value_range(images, normalization), seed=seed, options=options)
     layer_name = None
     if method in LAYER_METHODS:
         layer_name = layer if isinstance(layer, str) else None
         if layer is None:
-            layer_name = last_conv_layer(model, normalization(images[:1].to(device).clone()))
+            layer_name = default_layer(model, normalization(images[:1].to(device).clone()))
+        elif isinstance(layer, str) and getattr(model, "declaration", None) is not None:
+            check_cam_layer(model, layer)  # a cifarlab Net: the error lists its layers and checks the shape
         ctx.layer = resolve_layer(model, layer if layer is not None else layer_name)
     maps = []
     for b, s in enumerate(range(0, len(images), batch_size)):
