@@ -2,26 +2,38 @@
 
 Everything a reader needs to judge a run on one page, readable offline: the model summary, the recipe,
 the final numbers, training curves and their diagnosis (:mod:`cifarlab.doctor`), confusion matrix,
-per-class accuracy, prediction gallery, worst mistakes, maximum stimuli per layer, class stimuli with the
-net's probabilities, first-layer filters, activation maps, saliency and Grad-CAM. Images are inlined as
-base64 PNG data URIs, there is no script and no external resource, so the file can be mailed or archived
-alone.
+per-class accuracy, prediction gallery, worst mistakes, a 2-D map of the test set's penultimate features,
+maximum stimuli per layer with a page per channel, class stimuli with the net's probabilities,
+first-layer filters, activation maps, saliency and Grad-CAM.
 
-Inputs come from the run folder where they exist (``eval/results.json`` and its PNGs from
-:func:`cifarlab.pipeline.evaluate_to_folder`, ``training_curves.png``) and are computed where they do
-not. Visualizations are rendered into ``RUN/visualize/``.
+The page is rendered by Jinja2 templates (``cifarlab/templates/report.html``) with autoescape on, so a
+class name, a file name or a recipe value is always text, never markup. Images are inlined as base64 data
+URIs and the page fetches nothing; its Content-Security-Policy allows no network access and runs only
+the page's own inline script (by its sha256), which needs no server:
+
+* a click on a confusion-matrix cell shows the test images of that (true, predicted) pair (at most
+  :data:`CELL_IMAGES` of them, "showing k of N", N the cell's count), JPEG thumbnails in one sprite per cell;
+* hovering a point of the feature map shows that test image, its true and predicted class;
+* each stimulus links to its channel's page (plain ``#fragment`` pages, shown with CSS ``:target``).
+
+Inputs come from the run folder where they exist (``eval/results.json``, ``eval/predictions.safetensors``
+and the PNGs from :func:`cifarlab.pipeline.evaluate_to_folder`, ``training_curves.png``) and are
+computed where they do not. Visualizations are rendered into ``RUN/visualize/``.
 """
 from __future__ import annotations
 
 import base64
-import html
-import json
+import io
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from . import plots
 from .doctor import diagnose
-from .errors import ReportError
+from .errors import CifarlabError, ReportError
 from .evaluate import TTA_LEVELS, tta_level
 from .fsutil import atomic_write_text
 from .models import summary
@@ -31,14 +43,19 @@ SECTIONS = [
     ("diagnosis", "Diagnosis of the training curves"),
     ("confusion", "Confusion matrix"), ("per-class", "Per-class accuracy"), ("quality", "Per-class quality"),
     ("calibration", "Calibration"), ("shift", "Distribution shift"), ("gallery", "Predictions"),
-    ("mistakes", "Worst mistakes"), ("stimuli", "Maximum stimuli per layer"), ("classes", "Class stimuli"),
-    ("filters", "First-layer filters"), ("activations", "Activation maps"),
+    ("mistakes", "Worst mistakes"), ("map", "Feature map"), ("stimuli", "Maximum stimuli per layer"),
+    ("classes", "Class stimuli"), ("filters", "First-layer filters"), ("activations", "Activation maps"),
     ("attributions", "Saliency and Grad-CAM"), ("explanations", "Attributions"),
     ("examples", "Dataset examples"), ("model", "Model summary"), ("recipe", "Recipe"),
 ]
 
 EVAL_PNGS = ("confusion_matrix.png", "per_class_accuracy.png", "gallery.png", "worst_mistakes.png", "reliability.png")
-
+CELL_IMAGES = 50      # test images shown per confusion cell (the first ones, in test-set order)
+MAP_POINTS = 2000     # test images on the feature map (a seeded random subsample)
+MAP_METHODS = ("pca", "umap")
+THUMB = 32            # thumbnail side in pixels (CIFAR's own size; photos are shrunk to it)
+MAX_IMAGE_BYTES = 64 << 20
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -61,25 +78,32 @@ def _load_inputs(run_dir: Path, ckpt, data, log):
     return ckpt, data
 
 
-def _results(run_dir: Path, ckpt, data, log) -> dict:
-    """``eval/results.json`` if it describes this checkpoint and its plots exist, else evaluate now."""
-    from .pipeline import evaluate_to_folder
+def _results(run_dir: Path, ckpt, data, log) -> tuple[dict, dict]:
+    """(``eval/results.json``, ``eval/predictions.safetensors``) if they describe this checkpoint and this
+    test set and the plots exist, else evaluate now."""
+    from .pipeline import PREDICTIONS_FILE, evaluate_to_folder
 
     eval_dir = run_dir / "eval"
     path = eval_dir / "results.json"
-    if path.exists() and all((eval_dir / name).exists() for name in EVAL_PNGS):
-        results, why = _stored_results(path, ckpt)
+    if path.exists() and all((eval_dir / name).exists() for name in EVAL_PNGS + (PREDICTIONS_FILE,)):
+        results, why = stored_results(path, ckpt)
         if results is not None:
-            return results
+            predictions, why = _stored_predictions(eval_dir / PREDICTIONS_FILE, results, data)
+            if predictions is not None:
+                return results, predictions
         log(f"{path}: {why}; evaluating {ckpt.path} again")
     else:
         log(f"evaluating {ckpt.path} on the test set into {eval_dir}")
     seed = int(ckpt.meta.get("recipe", {}).get("seed", 0))
     evaluate_to_folder(ckpt, data, eval_dir, seed=seed)
-    return json.loads(path.read_text(encoding="utf-8"))
+    results, why = stored_results(path, ckpt)
+    predictions, why_not = _stored_predictions(eval_dir / PREDICTIONS_FILE, results, data) if results else (None, why)
+    if predictions is None:
+        raise ReportError(f"{eval_dir}: just evaluated, but {why_not}")
+    return results, predictions
 
 
-def _stored_results(path: Path, ckpt) -> tuple[dict | None, str]:
+def stored_results(path: Path, ckpt) -> tuple[dict | None, str]:
     """(results, "") when ``path`` is well-formed and describes exactly this checkpoint, else (None, why):
     checked before any rendering, so a malformed or stale file is recomputed instead of crashing the page."""
     from .validation import ValidationError, check_results, load_json_file
@@ -96,6 +120,28 @@ def _stored_results(path: Path, ckpt) -> tuple[dict | None, str]:
     if results["classes"] != list(ckpt.meta.get("classes", [])):
         return None, "names other classes than the checkpoint"
     return results, ""
+
+
+_stored_results = stored_results  # the name tests/test_cli_hostile.py knows it by
+
+
+def _stored_predictions(path: Path, results: dict, data) -> tuple[dict | None, str]:
+    """The per-image predictions, if they are this test set's (its labels, image for image) and add up to
+    the confusion matrix of ``results``."""
+    from .evaluate import confusion_matrix
+    from .pipeline import load_predictions
+
+    n, k = results["num_images"], len(results["classes"])
+    try:
+        predictions = load_predictions(path, k, n)
+    except CifarlabError as e:
+        return None, str(e)
+    if n != len(data.test) or not np.array_equal(predictions["labels"], data.test.labels.numpy()):
+        return None, f"{path.name} is for another test set than the one loaded"
+    counts = confusion_matrix(predictions["labels"], predictions["predicted"], k)
+    if "confusion_matrix" in results and counts.tolist() != results["confusion_matrix"]:
+        return None, f"{path.name} does not add up to the confusion matrix of results.json"
+    return predictions, ""
 
 
 def _same_path(a, b) -> bool:
@@ -134,96 +180,91 @@ def _diagnosis(ckpt) -> tuple[list[str], str]:
     return [f.text for f in findings], "Computed from the history stored in the checkpoint."
 
 
+@dataclass
+class VisualOutputs:
+    """What ``cifarlab visualize`` left for the report: its PNGs by key, and its numbers."""
+
+    files: dict[str, str]
+    class_probabilities: dict[str, dict[str, float]]
+    method: str
+    seconds: float
+    explanations: dict
+
+
+def _visual_outputs(vis) -> VisualOutputs:
+    """The one place that knows where visualize's outputs are: the result of ``render_all`` and the
+    ``summary.json`` beside its PNGs (``"explanations"``: attribution numbers and dataset examples)."""
+    from .validation import load_json_file
+
+    try:
+        saved = load_json_file(Path(vis.out_dir) / "summary.json", "visualization summary")
+    except CifarlabError:
+        saved = {}
+    explained = saved.get("explanations") if isinstance(saved, dict) else None
+    return VisualOutputs(dict(vis.files), dict(vis.class_probabilities), vis.method,
+                         next(iter(vis.seconds.values()), 0.0), explained if isinstance(explained, dict) else {})
+
+
 # ---------------------------------------------------------------------------------------------------
-# HTML pieces
+# Page blocks: plain data for the template (every string is escaped there)
 
 
-def _esc(value) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _img(path, alt: str) -> str:
-    """An <img> with the PNG inlined; a visible note instead if the file is missing."""
+def _figure(path, alt: str) -> dict:
+    """A PNG inlined as a data URI; a visible note instead if the file is missing or not a PNG."""
     if path is None or not Path(path).exists():
-        return f'<p class="missing">Not available: {_esc(alt)}.</p>'
-    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-    return f'<figure><img src="data:image/png;base64,{data}" alt="{_esc(alt)}"></figure>'
+        return {"kind": "missing", "text": f"Not available: {alt}."}
+    from .validation import read_bounded
+
+    try:
+        data = read_bounded(path, MAX_IMAGE_BYTES, "image", ReportError)
+    except ReportError as e:
+        return {"kind": "missing", "text": f"Not available: {alt} ({e})."}
+    if not data.startswith(PNG_SIGNATURE):
+        return {"kind": "missing", "text": f"Not available: {alt} ({path} is not a PNG file)."}
+    return {"kind": "figure", "src": "data:image/png;base64," + base64.b64encode(data).decode("ascii"), "alt": alt}
 
 
-def _table(header: list[str] | None, rows: list[list], numeric_from: int = 1) -> str:
+def _table(header: list[str] | None, rows: list[list], numeric_from: int = 1) -> dict:
     """A table; cells from column ``numeric_from`` on are right-aligned. No header row for None."""
-    head = f"<thead><tr>{''.join(f'<th>{_esc(h)}</th>' for h in header)}</tr></thead>" if header else ""
-    body = "".join("<tr>" + "".join(f'<td class="{"num" if i >= numeric_from else ""}">{_esc(v)}</td>'
-                                    for i, v in enumerate(row)) + "</tr>" for row in rows)
-    return f"<table>{head}<tbody>{body}</tbody></table>"
+    return {"kind": "table", "header": header, "rows": [[str(v) for v in row] for row in rows],
+            "numeric_from": numeric_from}
 
 
-def _section(sid: str, body: str, intro: str = "") -> str:
-    """``body`` is HTML; ``intro`` is plain text, escaped here (it carries values read from files)."""
-    title = dict(SECTIONS)[sid]
-    intro_html = f'<p class="intro">{_esc(intro)}</p>' if intro else ""
-    return f'<section id="{sid}"><h2>{_esc(title)}</h2>{intro_html}{body}</section>'
+def _text(text: str, kind: str = "text") -> dict:
+    """A paragraph: ``text``, ``strong``, ``missing``, ``h3`` or ``pre``."""
+    return {"kind": kind, "text": text}
 
 
-def _diagnosis_section(ckpt) -> str:
-    texts, source = _diagnosis(ckpt)
-    if not texts:
-        return _section("diagnosis", f'<p class="missing">{_esc(source)}</p>')
-    body = "<ul>" + "".join(f"<li>{_esc(t)}</li>" for t in texts) + "</ul>"
-    return _section("diagnosis", body,
-                    "The training doctor: each statement is made only when the difference exceeds 2 binomial "
-                    "standard errors of the validation accuracy, 2 sqrt(p(1-p)/n) with n the validation images "
-                    f"(rules: cifarlab.doctor). {source}")
+def _section(sid: str, blocks: list[dict], intro: str = "") -> dict:
+    return {"id": sid, "title": dict(SECTIONS)[sid], "intro": intro, "blocks": blocks}
 
 
 def _pct(v) -> str:
     return f"{100 * v:.2f}%"
 
 
-CSS = """
-:root { --ink: #1f2328; --muted: #59636e; --line: #d8dee4; --bg: #f6f8fa; --accent: #0969da; }
-* { box-sizing: border-box; }
-body { margin: 0; font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--ink); }
-header { padding: 24px 32px 12px; border-bottom: 1px solid var(--line); background: var(--bg); }
-header h1 { margin: 0 0 4px; font-size: 24px; }
-header p { margin: 0; color: var(--muted); }
-nav { position: sticky; top: 0; background: #fff; border-bottom: 1px solid var(--line); padding: 8px 32px;
-      display: flex; flex-wrap: wrap; gap: 4px 14px; font-size: 13px; z-index: 1; }
-nav a { color: var(--accent); text-decoration: none; }
-nav a:hover { text-decoration: underline; }
-main { max-width: 1280px; margin: 0 auto; padding: 8px 32px 48px; }
-section { padding: 16px 0; border-bottom: 1px solid var(--line); }
-h2 { font-size: 19px; margin: 8px 0 10px; }
-h3 { font-size: 15px; margin: 16px 0 6px; color: var(--muted); }
-.intro, .missing { color: var(--muted); max-width: 900px; }
-figure { margin: 8px 0; }
-img { max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 4px; background: #fff; }
-pre { background: var(--bg); border: 1px solid var(--line); border-radius: 6px; padding: 12px; overflow-x: auto;
-      font-size: 12.5px; line-height: 1.35; }
-table { border-collapse: collapse; margin: 8px 0; font-size: 14px; }
-th, td { border: 1px solid var(--line); padding: 4px 10px; text-align: left; }
-th { background: var(--bg); }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.cards { display: flex; flex-wrap: wrap; gap: 12px; margin: 8px 0; }
-.card { border: 1px solid var(--line); border-radius: 8px; padding: 10px 16px; min-width: 160px; }
-.card .value { font-size: 24px; font-weight: 600; }
-.card .label { color: var(--muted); font-size: 13px; }
-"""
+def _diagnosis_section(ckpt) -> dict:
+    texts, source = _diagnosis(ckpt)
+    if not texts:
+        return _section("diagnosis", [_text(source, "missing")])
+    return _section("diagnosis", [{"kind": "list", "items": texts}],
+                    "The training doctor: each statement is made only when the difference exceeds 2 binomial "
+                    "standard errors of the validation accuracy, 2 sqrt(p(1-p)/n) with n the validation images "
+                    f"(rules: cifarlab.doctor). {source}")
 
 
-def _cards(results: dict, ckpt) -> str:
-    items = [(_pct(results["accuracy"]), "test accuracy" + (f" ({TTA_LEVELS[tta_level(results.get('tta'))]})" if results.get("tta") else "")),
+def _cards(results: dict, ckpt) -> dict:
+    tta = f" ({TTA_LEVELS[tta_level(results.get('tta'))]})" if results.get("tta") else ""
+    items = [(_pct(results["accuracy"]), "test accuracy" + tta),
              (f"{results['loss']:.4f}", "test loss"), (f"{results['num_images']:,}", "test images"),
              (f"{ckpt.model.num_parameters():,}", "parameters"),
              (str(ckpt.meta.get("epoch") if ckpt.meta.get("epoch") is not None else "-"), "epochs trained")]
     if ckpt.meta.get("train_seconds"):
         items.append((f"{ckpt.meta['train_seconds']:.0f} s", "training time"))
-    return '<div class="cards">' + "".join(
-        f'<div class="card"><div class="value">{_esc(v)}</div><div class="label">{_esc(k)}</div></div>'
-        for v, k in items) + "</div>"
+    return {"kind": "cards", "items": items}
 
 
-def _probability_table(probs: dict[str, dict[str, float]]) -> str:
+def _probability_table(probs: dict[str, dict[str, float]]) -> dict:
     methods = list(probs)
     classes = list(next(iter(probs.values()))) if probs else []
     rows = [[c] + [f"{probs[m][c]:.3f}" for m in methods] for c in classes]
@@ -231,9 +272,9 @@ def _probability_table(probs: dict[str, dict[str, float]]) -> str:
     return _table(["class"] + [f"p(class | stimulus), {m} method" for m in methods], rows)
 
 
-def _numbers_sections(run_dir: Path, ckpt, results: dict, curves) -> list[str]:
-    """Overview, final numbers, curves and their diagnosis, confusion matrix, per-class accuracy, gallery,
-    mistakes."""
+def _numbers_sections(run_dir: Path, ckpt, results: dict, curves, confusion: dict | None = None) -> list[dict]:
+    """Overview, final numbers, curves and their diagnosis, confusion matrix, per-class accuracy, quality,
+    calibration, shift, gallery, mistakes. ``confusion``: the clickable matrix (:func:`confusion_block`)."""
     eval_dir = run_dir / "eval"
     val_source = ckpt.meta.get("val_source", "validation set")
     dataset = ckpt.meta.get("dataset") or {"spec": "cifar10"}
@@ -247,63 +288,69 @@ def _numbers_sections(run_dir: Path, ckpt, results: dict, curves) -> list[str]:
         ["versions", ", ".join(f"{k} {v}" for k, v in ckpt.meta.get("versions", {}).items())]], 2)
     numbers = _table(["metric", "value"], [
         ["test accuracy", _pct(results["accuracy"])], ["test loss (cross-entropy)", f"{results['loss']:.4f}"],
-        ["test images", f"{results['num_images']:,}"], ["test-time augmentation", TTA_LEVELS[tta_level(results.get("tta"))]]])
+        ["test images", f"{results['num_images']:,}"],
+        ["test-time augmentation", TTA_LEVELS[tta_level(results.get("tta"))]]])
     # Sorted worst first: with 100 classes the table is read from the top for what fails.
     per_class = [[c, _pct(results["per_class_accuracy"][c])] for c in
                  sorted(results["classes"], key=lambda c: results["per_class_accuracy"][c])]
     confused = [[p["true"], p["predicted"], p["count"]] for p in results.get("most_confused", [])]
     mistakes = [[m["index"], m["true"], m["predicted"], f"{m['score']:.3f}"]
                 for m in results.get("worst_mistakes", [])]
+    confusion_blocks = [confusion] if confusion else []
+    confusion_blocks.append(_figure(eval_dir / "confusion_matrix.png", "confusion matrix"))
+    if confused:
+        confusion_blocks += [_text("Most confused pairs", "h3"), _table(["true", "predicted as", "test images"],
+                                                                         confused, 2)]
     return [
-        _section("overview", _cards(results, ckpt) + overview),
-        _section("results", numbers),
-        _section("curves", _img(curves, "training curves"),
+        _section("overview", [_cards(results, ckpt), overview]),
+        _section("results", [numbers]),
+        _section("curves", [_figure(curves, "training curves")],
                  f"Loss and accuracy per epoch; validation on the {val_source}."),
         _diagnosis_section(ckpt),
-        _section("confusion", _img(eval_dir / "confusion_matrix.png", "confusion matrix")
-                 + ("<h3>Most confused pairs</h3>" + _table(["true", "predicted as", "test images"], confused, 2)
-                    if confused else "")),
-        _section("per-class", _img(eval_dir / "per_class_accuracy.png", "per-class accuracy")
-                 + _table(["class (worst first)", "test accuracy"], per_class)),
-        _section("quality", _quality_table(results),
+        _section("confusion", confusion_blocks,
+                 "Rows: true class; columns: predicted class. Click a cell to see its test images."
+                 if confusion else ""),
+        _section("per-class", [_figure(eval_dir / "per_class_accuracy.png", "per-class accuracy"),
+                               _table(["class (worst first)", "test accuracy"], per_class)]),
+        _section("quality", _quality_blocks(results),
                  "Precision: of the test images predicted as the class, the share that are it. Recall: of the "
                  "class's test images, the share predicted as it (its accuracy). F1: their harmonic mean."),
         _calibration_section(eval_dir, results),
         _shift_section(results),
-        _section("gallery", _img(eval_dir / "gallery.png", "random test predictions"),
+        _section("gallery", [_figure(eval_dir / "gallery.png", "random test predictions")],
                  "Random test images with the predicted class, its probability and the true class."),
-        _section("mistakes", _img(eval_dir / "worst_mistakes.png", "most confident mistakes")
-                 + _table(["test index", "true", "predicted", "probability"], mistakes, 3),
+        _section("mistakes", [_figure(eval_dir / "worst_mistakes.png", "most confident mistakes"),
+                              _table(["test index", "true", "predicted", "probability"], mistakes, 3)],
                  "The wrong predictions the net was most sure of."),
     ]
 
 
-def _quality_table(results: dict) -> str:
+def _quality_blocks(results: dict) -> list[dict]:
     quality = results.get("per_class")
     if not quality:
-        return '<p class="missing">Not in this results.json (evaluated by an older cifarlab): re-run cifarlab evaluate.</p>'
+        return [_text("Not in this results.json (evaluated by an older cifarlab): re-run cifarlab evaluate.",
+                      "missing")]
     names = list(quality)
     many = len(names) > 20
     if many:  # with many classes the table is read from the top for what fails
         names.sort(key=lambda c: quality[c]["f1"])
     rows = [[c, _pct(quality[c]["precision"]), _pct(quality[c]["recall"]), f"{quality[c]['f1']:.3f}",
-             quality[c]["support"]] for c in names]
+             quality[c].get("support", "?")] for c in names]
     macro = results.get("macro_f1")
-    note = f"<p>Macro-averaged F1: {macro:.3f}.</p>" if macro is not None else ""
-    return note + _table([f"class{' (worst F1 first)' if many else ''}", "precision", "recall", "F1",
-                          "test images"], rows)
+    note = [_text(f"Macro-averaged F1: {macro:.3f}.")] if macro is not None else []
+    return note + [_table([f"class{' (worst F1 first)' if many else ''}", "precision", "recall", "F1",
+                           "test images"], rows)]
 
 
-def _calibration_section(eval_dir: Path, results: dict) -> str:
+def _calibration_section(eval_dir: Path, results: dict) -> dict:
     cal = results.get("calibration")
     if not cal:
-        return _section("calibration", '<p class="missing">Not in this results.json (evaluated by an older '
-                                       'cifarlab): re-run cifarlab evaluate.</p>')
+        return _section("calibration", [_text("Not in this results.json (evaluated by an older cifarlab): re-run "
+                                              "cifarlab evaluate.", "missing")])
     before, after = cal["before"], cal.get("after")
     metrics = [("ECE (expected calibration error)", "ece", _pct), ("MCE (worst bin)", "mce", _pct),
-               ("NLL (nats)", "nll", lambda v: f"{v:.4f}"), ("Brier score (sum over classes)", "brier",
-                                                             lambda v: f"{v:.4f}"),
-               ("accuracy", "accuracy", _pct)]
+               ("NLL (nats)", "nll", lambda v: f"{v:.4f}"),
+               ("Brier score (sum over classes)", "brier", lambda v: f"{v:.4f}"), ("accuracy", "accuracy", _pct)]
     header = ["metric (test set)", "softmax" if not after else "before (T = 1)"]
     if after:
         header.append(f"after (T = {cal['temperature']:.3f})")
@@ -319,28 +366,207 @@ def _calibration_section(eval_dir: Path, results: dict) -> str:
              "equal-width bins, the mean |accuracy - confidence| weighted by bin size (Guo et al. 2017). "
              "Brier: the squared distance of the probability vector to the one-hot label, summed over classes "
              "(0..2). " + where)
-    return _section("calibration", _img(eval_dir / "reliability.png", "reliability diagram") + _table(header, rows),
-                    intro)
+    return _section("calibration", [_figure(eval_dir / "reliability.png", "reliability diagram"),
+                                    _table(header, rows)], intro)
 
 
-def _shift_section(results: dict) -> str:
+def _shift_section(results: dict) -> dict:
     shift = results.get("shift") or []
     if not shift:
-        return _section("shift", "<p>No shifted test set was evaluated. <code>cifarlab evaluate RUN --on "
-                                 "cifar10.1</code> adds CIFAR-10.1 (2,000 new test images, Recht et al. 2018) and "
-                                 "reports the accuracy gap here.</p>")
+        return _section("shift", [{"kind": "parts", "parts": [
+            ("No shifted test set was evaluated. ", False), ("cifarlab evaluate RUN --on cifar10.1", True),
+            (" adds CIFAR-10.1 (2,000 new test images, Recht et al. 2018) and reports the accuracy gap here.",
+             False)]}])
     rows = []
     for s in shift:
         lo, hi = s["accuracy_ci95"]
         rlo, rhi = s["reference_ci95"]
         glo, ghi = s["gap_ci95"]
-        rows.append([s.get("dataset", "?"), f"{s['num_images']:,}", f"{_pct(s['accuracy'])} ({100 * lo:.1f}-{100 * hi:.1f})",
+        rows.append([s.get("dataset", "?"), f"{s['num_images']:,}",
+                     f"{_pct(s['accuracy'])} ({100 * lo:.1f}-{100 * hi:.1f})",
                      f"{_pct(s['reference_accuracy'])} ({100 * rlo:.1f}-{100 * rhi:.1f})",
                      f"{100 * s['gap']:+.2f} ({100 * glo:+.1f} to {100 * ghi:+.1f})"])
-    return _section("shift", _table(["test set", "images", "accuracy (95% CI)", "original test accuracy (95% CI)",
-                                     "gap, points (95% CI)"], rows),
+    return _section("shift", [_table(["test set", "images", "accuracy (95% CI)", "original test accuracy (95% CI)",
+                                      "gap, points (95% CI)"], rows)],
                     "Does the accuracy hold on new images of the same classes? Intervals: Wilson for each "
                     "accuracy, normal approximation for the gap (original minus shifted).")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Thumbnails: many small images as one inlined sprite
+
+
+def _sprite(images, cols: int, fmt: str = "JPEG", size: int = THUMB) -> dict:
+    """uint8 images (N, C, H, W) as one grid image (``cols`` per row, each ``size`` px square) in a data
+    URI: one image to decode instead of N. JPEG for photos (a fifth of PNG's bytes at 32 px), PNG for
+    stimuli (synthetic detail)."""
+    from PIL import Image
+
+    tiles = plots.to_hwc(images)
+    if tiles.shape[-1] == 1:
+        tiles = tiles.repeat(3, axis=-1)
+    n = len(tiles)
+    cols = max(1, min(cols, n))
+    rows = max(1, -(-n // cols))
+    sheet = Image.new("RGB", (cols * size, rows * size), "white")
+    for i, tile in enumerate(tiles):
+        img = Image.fromarray(np.ascontiguousarray(tile))
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.Resampling.BOX if img.width > size else Image.Resampling.NEAREST)
+        sheet.paste(img, ((i % cols) * size, (i // cols) * size))
+    buf = io.BytesIO()
+    sheet.save(buf, fmt, **({"quality": 85} if fmt == "JPEG" else {"optimize": True}))
+    mime = "image/jpeg" if fmt == "JPEG" else "image/png"
+    return {"src": f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii"), "cols": cols,
+            "size": size}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The clickable confusion matrix
+
+
+def confusion_block(classes: list[str], predictions: dict, images, cap: int = CELL_IMAGES) -> dict:
+    """The confusion matrix as a table of buttons, and per non-empty cell the test-set indices of its first
+    ``cap`` images with their thumbnails (one sprite per cell, decoded only when the cell is clicked)."""
+    labels, predicted = predictions["labels"], predictions["predicted"]
+    k = len(classes)
+    counts = np.zeros((k, k), np.int64)
+    np.add.at(counts, (labels, predicted), 1)
+    row_totals = counts.sum(1, keepdims=True).clip(min=1)
+    cells = {}
+    for t, p in zip(*np.nonzero(counts)):
+        members = np.flatnonzero((labels == t) & (predicted == p))
+        shown = members[:cap]
+        cells[f"{t},{p}"] = dict(_sprite(images[shown], 10), n=int(counts[t, p]), idx=shown.tolist())
+    shade = (counts / row_totals).round(3)
+    return {"kind": "confusion", "classes": list(classes), "counts": counts.tolist(), "shade": shade.tolist(),
+            "cap": cap, "data": {"classes": list(classes), "cells": cells, "cap": cap}}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The feature map
+
+
+def _palette(k: int) -> list[str]:
+    """Matplotlib's tab10 for up to 10 classes, else evenly spaced hues."""
+    if k <= 10:
+        return ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+                "#bcbd22", "#17becf"][:k]
+    return [f"hsl({round(360 * i / k)}, 70%, 45%)" for i in range(k)]
+
+
+def project_2d(features: np.ndarray, method: str = "pca", seed: int = 0) -> tuple[np.ndarray, str]:
+    """(N, D) -> (N, 2) and a sentence saying how. PCA: the top two principal components of the centred
+    features (numpy SVD); UMAP: umap-learn, if installed."""
+    if method == "umap":
+        try:
+            import umap
+        except ImportError:
+            raise ReportError("--map umap needs umap-learn (pip install umap-learn); --map pca needs nothing "
+                              "more") from None
+        xy = umap.UMAP(n_components=2, random_state=seed).fit_transform(features)
+        return np.asarray(xy, np.float64), "UMAP (umap-learn, 15 neighbours) of the features"
+    if method != "pca":
+        raise ReportError(f"unknown map method {method!r}: use one of {', '.join(MAP_METHODS)}")
+    centred = features - features.mean(0)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    explained = (s[:2] ** 2).sum() / max((s ** 2).sum(), 1e-12)
+    return centred @ vt[:2].T, f"PCA of the features (the first two components explain {100 * explained:.1f}% of their variance)"
+
+
+def feature_map_block(ckpt, data, predictions: dict, method: str = "pca", points: int = MAP_POINTS,
+                      seed: int = 0) -> dict:
+    """A scatter (inline SVG) of a seeded random subsample of the test set in 2-D, coloured by true class,
+    mistakes ringed; hovering a point shows its thumbnail. Features: the L2-normalised input of the
+    head (:func:`cifarlab.ood.features_and_logits`, the OOD scores' features)."""
+    from . import ood
+    from .transforms import Normalization
+
+    n = len(data.test)
+    if n < 3:
+        return _text(f"Not drawn: the test set has {n} images.", "missing")
+    chosen = np.sort(np.random.default_rng(seed).choice(n, size=min(points, n), replace=False))
+    normalization = Normalization.from_dict(ckpt.meta["normalization"])
+    try:
+        features, _ = ood.features_and_logits(ckpt.model.cpu(), data.test.images[chosen], normalization)
+    except CifarlabError as e:
+        return _text(f"Not drawn: {e}.", "missing")
+    xy, how = project_2d(ood.normalize_rows(features).numpy().astype(np.float64), method, seed)
+    classes = list(ckpt.meta["classes"])
+    true, pred = predictions["labels"][chosen], predictions["predicted"][chosen]
+    width, height, margin = 640, 480, 12
+    lo, span = xy.min(0), np.ptp(xy, 0).clip(min=1e-12)
+    xs = margin + (xy[:, 0] - lo[0]) / span[0] * (width - 2 * margin)
+    ys = height - margin - (xy[:, 1] - lo[1]) / span[1] * (height - 2 * margin)  # up is up
+    colors = _palette(len(classes))
+    dots = [{"x": round(float(x), 1), "y": round(float(y), 1), "color": colors[int(t)], "wrong": bool(t != p)}
+            for x, y, t, p in zip(xs, ys, true, pred)]
+    sprite = _sprite(data.test.images[chosen], 50)
+    return {"kind": "map", "width": width, "height": height, "dots": dots,
+            "legend": [{"name": c, "color": col} for c, col in zip(classes, colors)],
+            "caption": ((f"{len(chosen):,} of {n:,} test images (a random subsample, seed {seed})" if len(chosen) < n
+                         else f"All {n:,} test images") + f"; {how}. "
+                        "Colour: true class; ringed: predicted wrongly. Hover a point to see the image."),
+            "data": {"classes": classes, "idx": chosen.tolist(), "true": true.tolist(), "pred": pred.tolist(),
+                     "conf": [round(float(c), 3) for c in predictions["confidence"][chosen]], **sprite}}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stimuli: per layer, and a page per channel
+
+
+def _channel_stimuli(ckpt, settings, seed: int):
+    """Every target's stimuli as uint8 tensors, for the channel pages. ``visualize.render_all`` keeps
+    only its PNG mosaics, so they are made again here with the same settings and seed (the same images:
+    each channel's generator is seeded by its target and channel)."""
+    from . import visualize
+    from .transforms import Normalization
+
+    settings = settings or visualize.StimulusSettings.for_method("default")
+    normalization = Normalization.from_dict(ckpt.meta["normalization"])
+    return visualize.all_stimuli(ckpt.model.cpu().eval(), normalization, settings, seed)
+
+
+def _examples_of(out: VisualOutputs, layer: str, n_test: int) -> dict[int, tuple[list[int], list[float], float]]:
+    """channel -> (its top test images, their activations, stimulus / best-image ratio), from the
+    dataset-examples numbers in summary.json; entries that are not well-formed are left out."""
+    entry = ((out.explanations.get("examples") or {}).get("layers") or {}).get(layer)
+    if not isinstance(entry, dict):
+        return {}
+    found = {}
+    rows = zip(entry.get("channels") or [], entry.get("top_indices") or [], entry.get("top_values") or [],
+               entry.get("stimulus_ratio") or [])
+    for c, idx, values, ratio in rows:
+        if (isinstance(c, int) and isinstance(idx, list) and isinstance(values, list) and len(idx) == len(values)
+                and all(isinstance(i, int) and 0 <= i < n_test for i in idx)
+                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)):
+            found[c] = (idx, [float(v) for v in values], ratio if isinstance(ratio, (int, float)) else None)
+    return found
+
+
+def stimuli_pages(stimuli, out: VisualOutputs, test_images, class_names: list[str]) -> tuple[list[dict], list[dict]]:
+    """(one entry per layer: its tiles, each linking to its channel's page; the pages): the stimulus
+    enlarged, its objective, and the test images that drive the channel most beside it."""
+    layers, pages = [], []
+    for li, s in enumerate(stimuli):
+        is_classes = s.target.kind == "class"
+        examples = _examples_of(out, s.target.name, len(test_images))
+        tiles = []
+        for j, c in enumerate(s.channels):
+            name = class_names[c] if is_classes and c < len(class_names) else f"channel #{c}"
+            tiles.append({"id": f"ch-{li}-{c}", "k": j, "label": name})
+        ids = [t["id"] for t in tiles]
+        layers.append({"name": s.target.name, "index": li, "tiles": tiles, "sprite": _sprite(s.images, 16, "PNG")})
+        for j, (c, tile) in enumerate(zip(s.channels, tiles)):
+            idx, values, ratio = examples.get(c, ([], [], None))
+            pages.append({
+                "id": tile["id"], "layer": s.target.name, "layer_index": li, "k": j, "label": tile["label"],
+                "objective": float(s.objective[j]), "ratio": ratio,
+                "objective_is": "the class logit" if is_classes else "the channel's mean activation",
+                "prev": ids[j - 1] if j else None, "next": ids[j + 1] if j + 1 < len(ids) else None,
+                "examples": [{"index": i, "value": v, "k": m} for m, (i, v) in enumerate(zip(idx, values))],
+                "examples_sprite": _sprite(test_images[idx], 9) if idx else None})
+    return layers, pages
 
 
 CLASS_INTRO = (
@@ -350,41 +576,45 @@ CLASS_INTRO = (
     "own color covariance; the exercise method is the original notebook's 20 normalized gradient steps.")
 
 
-def _visual_sections(vis) -> list[str]:
-    """Stimuli per layer, class stimuli with probabilities, filters, activation maps, saliency/Grad-CAM."""
-    files = vis.files
-    stimuli = "".join(f"<h3>{_esc(key[len('stimuli_'):])}</h3>" + _img(path, key.replace("_", " ", 1))
-                      for key, path in files.items() if key.startswith("stimuli_"))
-    classes = "".join(f"<h3>{_esc(m)} method</h3>" + _img(files.get(f"classes_{m}"), f"class stimuli, {m} method")
-                      for m in vis.class_probabilities)
-    seconds = next(iter(vis.seconds.values()), 0.0)
+def _visual_sections(out: VisualOutputs, layers: list[dict]) -> list[dict]:
+    """Stimuli per layer (with links to the channel pages), class stimuli with probabilities, filters,
+    activation maps, saliency/Grad-CAM."""
+    files = out.files
+    stimuli = []
+    by_name = {layer["name"]: layer for layer in layers}
+    for key, path in files.items():
+        if key.startswith("stimuli_"):
+            stimuli += [_text(key[len("stimuli_"):], "h3"), _figure(path, key.replace("_", " ", 1))]
+            if key[len("stimuli_"):] in by_name:
+                stimuli.append({"kind": "channels", "layer": by_name[key[len("stimuli_"):]]})
+    classes = []
+    for m in out.class_probabilities:
+        classes += [_text(f"{m} method", "h3"), _figure(files.get(f"classes_{m}"), f"class stimuli, {m} method")]
+    if "classes" in by_name:
+        classes += [_text(f"Pages per class ({out.method} method)", "h3"), {"kind": "channels", "layer": by_name["classes"]}]
     return [
         _section("stimuli", stimuli,
                  f"For every channel of every conv layer and residual block (after its activation), the input "
-                 f"found by gradient "
-                 f"ascent ({vis.method} method) that maximizes the channel's mean activation; all channels "
-                 f"of a layer optimized as one batch, {seconds:.1f} s for all layers and classes."),
-        _section("classes", classes + _probability_table(vis.class_probabilities), CLASS_INTRO),
-        _section("filters", _img(files.get("filters"), "first-layer filters")),
-        _section("activations", _img(files.get("activations"), "activation maps"),
+                 f"found by gradient ascent ({out.method} method) that maximizes the channel's mean activation; "
+                 f"all channels of a layer optimized as one batch, {out.seconds:.1f} s for all layers and classes. "
+                 "Click a stimulus below a layer's mosaic for its channel's page."),
+        _section("classes", classes + [_probability_table(out.class_probabilities)], CLASS_INTRO),
+        _section("filters", [_figure(files.get("filters"), "first-layer filters")]),
+        _section("activations", [_figure(files.get("activations"), "activation maps")],
                  "What each conv layer's (or residual block's) channels respond to in one test image (after "
                  "the activation)."),
-        _section("attributions", _img(files.get("attributions"), "saliency and Grad-CAM"),
+        _section("attributions", [_figure(files.get("attributions"), "saliency and Grad-CAM")],
                  "Top: test images with the prediction. Middle: saliency, the size of the gradient of the "
                  "predicted logit with respect to each pixel. Bottom: Grad-CAM on the layer the title names "
                  "(by default the last conv layer or residual block)."),
     ]
 
 
-def _explanation_sections(vis) -> list[str]:
+def _explanation_sections(out: VisualOutputs) -> list[dict]:
     """Every attribution method's maps, their faithfulness and sanity numbers, dataset examples."""
-    summary_path = Path(vis.out_dir) / "summary.json"
-    try:
-        explained = json.loads(summary_path.read_text(encoding="utf-8")).get("explanations") or {}
-    except (OSError, ValueError):
-        explained = {}
+    explained = out.explanations
     if not explained.get("enabled"):
-        off = '<p class="missing">Not rendered (cifarlab visualize --no-explanations, or no test data).</p>'
+        off = [_text("Not rendered (cifarlab visualize --no-explanations, or no test data).", "missing")]
         return [_section("explanations", off), _section("examples", off)]
     files = explained.get("files", {})
     faith = explained.get("faithfulness") or {}
@@ -436,20 +666,22 @@ def _explanation_sections(vis) -> list[str]:
              "steps, ± one standard error. Sanity check (Adebayo et al. 2018): Spearman correlation between the "
              f"maps of the trained net and of the net with every layer re-initialized, on {sanity.get('n', 0)} "
              f"images; above {sanity.get('threshold', 0.5)} is flagged. Seconds: maps, curves and sanity check.")
-    body = (_img(files.get("attribution_methods"), "attribution maps of every method") + table
-            + "".join(f"<p><strong>{_esc(v)}</strong></p>" for v in verdicts)
-            + (_img(files.get("faithfulness"), "deletion and insertion curves") if "faithfulness" in files else "")
-            + (_img(files.get("sanity"), "cascading randomization") if "sanity" in files else ""))
+    body = ([_figure(files.get("attribution_methods"), "attribution maps of every method"), table]
+            + [_text(v, "strong") for v in verdicts]
+            + ([_figure(files.get("faithfulness"), "deletion and insertion curves")] if "faithfulness" in files else [])
+            + ([_figure(files.get("sanity"), "cascading randomization")] if "sanity" in files else []))
     examples = explained.get("examples") or {}
     ex_rows = [[layer, len(e["channels"]), f"{e['median_ratio']:.2f}" if e["median_ratio"] is not None else "n/a",
                 e["above_best_real"]] for layer, e in (examples.get("layers") or {}).items()]
-    ex_body = "".join(f"<h3>{_esc(key[len('examples_'):])}</h3>" + _img(path, key.replace("_", " ", 1))
-                      for key, path in files.items() if key.startswith("examples_"))
+    ex_body = []
+    for key, path in files.items():
+        if key.startswith("examples_"):
+            ex_body += [_text(key[len("examples_"):], "h3"), _figure(path, key.replace("_", " ", 1))]
     if ex_rows:
-        ex_body = _table(["layer", "channels", "median ratio stimulus / best image", "channels above 1"],
-                         ex_rows) + ex_body
+        ex_body = [_table(["layer", "channels", "median ratio stimulus / best image", "channels above 1"],
+                          ex_rows)] + ex_body
     else:
-        ex_body = '<p class="missing">Not rendered (--example-images 0).</p>'
+        ex_body = [_text("Not rendered (--example-images 0).", "missing")]
     ex_intro = (f"For every conv channel and every class: its maximum stimulus, then the {examples.get('k', 9)} test "
                 f"images (of {examples.get('images', 0):,}) that activate it most (channel mean over space; the logit "
                 "for a class). The number is the stimulus's activation over the best real image's: above 1, the "
@@ -463,28 +695,50 @@ def _beats_random(row: dict) -> bool:
     return beats_random(row)
 
 
-def _model_sections(ckpt) -> list[str]:
+def _model_sections(ckpt) -> list[dict]:
     recipe = ckpt.meta.get("recipe", {})
-    recipe_html = (_table(["setting", "value"], [[k, v] for k, v in recipe.items()]) if recipe
-                   else '<p class="missing">No recipe stored in the checkpoint.</p>')
-    return [_section("model", f"<pre>{_esc(summary(ckpt.model))}</pre>"), _section("recipe", recipe_html)]
+    recipe_block = (_table(["setting", "value"], [[k, v] for k, v in recipe.items()]) if recipe
+                    else _text("No recipe stored in the checkpoint.", "missing"))
+    return [_section("model", [_text(summary(ckpt.model), "pre")]), _section("recipe", [recipe_block])]
 
 
-def _page(title: str, subtitle: str, sections: list[str]) -> str:
-    nav = "".join(f'<a href="#{sid}">{_esc(name)}</a>' for sid, name in SECTIONS)
-    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{_esc(title)}</title><style>{CSS}</style></head><body>"
-            f"<header><h1>{_esc(title)}</h1><p>{_esc(subtitle)}</p></header><nav>{nav}</nav>"
-            "<main>\n" + "\n".join(sections) + "\n</main></body></html>\n")
+# ---------------------------------------------------------------------------------------------------
+# The page
 
 
-def _html(run_dir: Path, ckpt, results: dict, curves, vis) -> str:
+@dataclass
+class ReportInputs:
+    """Everything the page shows, gathered; :func:`page` turns it into HTML without reading anything."""
+
+    run_dir: Path
+    ckpt: object
+    results: dict
+    curves: Path | None
+    confusion: dict | None
+    feature_map: dict
+    visual: VisualOutputs
+    layers: list[dict]
+    pages: list[dict]
+
+
+def page(inputs: ReportInputs) -> str:
+    from . import templates  # Jinja2: imported when a page is made, not by every cifarlab command
+
+    ckpt, results = inputs.ckpt, inputs.results
     subtitle = (f"{ckpt.meta.get('architecture', {}).get('name', '')} \u00b7 test accuracy "
                 f"{_pct(results['accuracy'])} \u00b7 generated {time.strftime('%Y-%m-%d %H:%M:%S')}")
-    sections = (_numbers_sections(run_dir, ckpt, results, curves) + _visual_sections(vis)
-                + _explanation_sections(vis) + _model_sections(ckpt))
-    return _page(f"cifarlab report: {run_dir.resolve().name}", subtitle, sections)
+    numbers = _numbers_sections(inputs.run_dir, ckpt, results, inputs.curves, inputs.confusion)
+    feature_map = _section("map", [inputs.feature_map],
+                           "Where the test images lie in the net's penultimate features (the input of its last "
+                           "dense layer, L2-normalised), projected to two dimensions.")
+    sections = (numbers + [feature_map] + _visual_sections(inputs.visual, inputs.layers)
+                + _explanation_sections(inputs.visual) + _model_sections(ckpt))
+    assert [s["id"] for s in sections] == [sid for sid, _ in SECTIONS]
+    script, script_hash = templates.inline_script("report.js")
+    return templates.render("report.html", title=f"cifarlab report: {inputs.run_dir.resolve().name}",
+                            subtitle=subtitle, sections=sections, pages=inputs.pages,
+                            layer_sprites=[layer["sprite"] for layer in inputs.layers],
+                            script=script, script_hash=script_hash)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -492,22 +746,35 @@ def _html(run_dir: Path, ckpt, results: dict, curves, vis) -> str:
 
 
 def build_report(run_dir, ckpt=None, data=None, log=print, *, settings=None, seed: int | None = None,
-                 images=None, explanations=None) -> Path:
+                 images=None, explanations=None, map_method: str = "pca", map_points: int = MAP_POINTS,
+                 cell_images: int = CELL_IMAGES) -> Path:
     """Write ``run_dir/report.html`` and return its path.
 
-    ``ckpt`` defaults to the run's final (else newest good) checkpoint, ``data`` to CIFAR-10 found the
-    usual way (no download). ``settings``/``seed``/``images``/``explanations`` go to :func:`cifarlab.visualize.render_all`.
+    ``ckpt`` defaults to the run's final (else newest good) checkpoint, ``data`` to the data the checkpoint
+    names. ``settings``/``seed``/``images``/``explanations`` go to :func:`cifarlab.visualize.render_all`;
+    ``map_method`` (``pca`` or ``umap``) and ``map_points`` shape the feature map, ``cell_images`` caps the
+    images per confusion cell.
     """
     from . import visualize
 
+    if map_method not in MAP_METHODS:
+        raise ReportError(f"unknown map method {map_method!r}: use one of {', '.join(MAP_METHODS)}")
     run_dir = Path(run_dir)
     ckpt, data = _load_inputs(run_dir, ckpt, data, log)
-    results = _results(run_dir, ckpt, data, log)
+    results, predictions = _results(run_dir, ckpt, data, log)
     curves = _curves(run_dir, ckpt)
     if seed is None:
         seed = int(ckpt.meta.get("recipe", {}).get("seed", 0))
     vis = visualize.render_all(ckpt, run_dir / "visualize", data=data, seed=seed, images=images,
                                settings=settings, log=log, explanations=explanations)
+    visual = _visual_outputs(vis)
+    log("stimuli again for the channel pages")
+    layers, pages = stimuli_pages(_channel_stimuli(ckpt, settings, seed), visual, data.test.images,
+                                  list(ckpt.meta["classes"]))
+    inputs = ReportInputs(run_dir, ckpt, results, curves,
+                          confusion_block(results["classes"], predictions, data.test.images, cell_images),
+                          feature_map_block(ckpt, data, predictions, map_method, map_points, seed),
+                          visual, layers, pages)
     path = run_dir / "report.html"
-    atomic_write_text(path, _html(run_dir, ckpt, results, curves, vis))
+    atomic_write_text(path, page(inputs))
     return path
