@@ -37,6 +37,7 @@ from .errors import CifarlabError
 from .evaluate import predict_logits
 from .fsutil import atomic_create_bytes, atomic_write_bytes
 from .images import fit_of
+from .rundir import LOCK_FILE
 from .temperature import checkpoint_temperature
 from .transforms import Normalization
 
@@ -155,25 +156,77 @@ def compare_with_torch(model: bytes | str | Path, ckpt: Checkpoint, images: torc
             "same_predictions": bool((logits.argmax(1) == expected.argmax(1)).all())}
 
 
-def check_output(out: str | Path, overwrite: bool = False) -> Path:
-    """An export never goes into a checkpoint folder (its files belong to the checkpoint, and a resumed run
-    replaces it) and never replaces an existing file unless ``overwrite`` (and never a folder or link)."""
-    out = Path(out)
-    parent = Path(os.path.abspath(out)).parent
-    for folder in (parent, *list(parent.parents)[:2]):
-        if (folder / ckpts.MODEL_FILE).exists() or (folder / ckpts.META_FILE).exists() \
-                or ckpts.CKPT_RE.match(folder.name) or folder.name == ckpts.CKPT_DIR:
+# What a run folder holds besides your exports: its checkpoint folders and the files cifarlab writes there.
+# An export at one of these names, even before the run has written it, would break the run's next write
+# (a file named final/ makes the resumed run fail to save its final model).
+CHECKPOINT_ENTRIES = {"final", ckpts.CKPT_DIR}
+RUN_FILES = {"eval", "visualize", "tensorboard", "ood", "recipe.json", "dataset.json", "model.json", "metrics.csv",
+             "training_curves.png", "report.html", LOCK_FILE}
+
+
+def _is_checkpoint_folder(folder: Path) -> bool:
+    return (folder / ckpts.MODEL_FILE).exists() or (folder / ckpts.META_FILE).exists() \
+        or bool(ckpts.CKPT_RE.match(folder.name)) and folder.parent.name == ckpts.CKPT_DIR
+
+
+def _is_run_folder(folder: Path) -> bool:
+    return any(os.path.lexists(folder / name) for name in (LOCK_FILE, "recipe.json", ckpts.CKPT_DIR)) \
+        or (folder / "final" / ckpts.META_FILE).exists()
+
+
+def _refuse_checkpoint_folders(out: Path, path: Path) -> None:
+    for folder in path.parents:
+        if _is_checkpoint_folder(folder):
             raise CifarlabError(f"{out}: inside the checkpoint folder {folder}; exports never go into a checkpoint "
-                                f"(choose --out elsewhere, e.g. the run folder).")
+                                f"(a resumed run replaces it). Choose --out elsewhere, e.g. the run folder.")
+
+
+def _refuse_run_entries(out: Path, path: Path) -> None:
+    for folder in path.parents:
+        entry = path.relative_to(folder).parts[0]
+        if (entry in CHECKPOINT_ENTRIES or entry in RUN_FILES) and _is_run_folder(folder):
+            what = "checkpoints" if entry in CHECKPOINT_ENTRIES else "files"
+            raise CifarlabError(f"{out}: {folder / entry} is where the run {folder} keeps its own {what}; an export "
+                                f"there would break the run. Choose another --out, e.g. {folder / 'model.onnx'}.")
+
+
+def check_output(out: str | Path, overwrite: bool = False) -> Path:
+    """An export never goes into a checkpoint folder or at a name a run folder reserves (``final``,
+    ``checkpoints``, ``metrics.csv``...: the run's next write would fail or replace it), and never replaces an
+    existing file unless ``overwrite`` (and never a folder or link). Missing folders are fine: they are
+    created when the file is written. Both the path as given and with its links resolved are checked."""
+    out = Path(out)
+    absolute = Path(os.path.abspath(out))
+    paths = (absolute, Path(os.path.realpath(absolute.parent)) / absolute.name)
+    for path in paths:
+        _refuse_checkpoint_folders(out, path)
     if os.path.lexists(out):
         if not overwrite or out.is_symlink() or not out.is_file():
             raise CifarlabError(f"{out} already exists; not replacing it. Choose another --out"
                                 + (" (or pass --force to replace a file)." if not overwrite else "."))
         if out.name in ckpts.OWN_FILES:
             raise CifarlabError(f"{out}: a checkpoint's own file name; never replaced by an export.")
-    if not parent.is_dir():
-        raise CifarlabError(f"{out}: the folder {parent} does not exist.")
+    for path in paths:
+        _refuse_run_entries(out, path)
+    for folder in (absolute.parent, *absolute.parent.parents):
+        if os.path.lexists(folder):
+            if not folder.is_dir():
+                raise CifarlabError(f"{out}: {folder} is not a folder; choose another --out.")
+            break
     return out
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; the ones created, innermost first (to undo)."""
+    missing = [p for p in (folder, *folder.parents) if not os.path.lexists(p)]
+    for p in reversed(missing):
+        try:
+            p.mkdir()
+        except FileExistsError:
+            pass  # made at this moment by someone else
+        except OSError as e:
+            raise CifarlabError(f"{p}: cannot create the folder ({e.strerror or e}).") from None
+    return missing
 
 
 def export_onnx(ckpt: Checkpoint, out: str | Path, opset: int = DEFAULT_OPSET, verify: bool = True,
@@ -193,13 +246,22 @@ def export_onnx(ckpt: Checkpoint, out: str | Path, opset: int = DEFAULT_OPSET, v
                                 f"{check['max_abs_logit_diff']:.3g} > {VERIFY_TOLERANCE}); not writing {out}.")
         report["verified"] = check
     check_output(out, overwrite)  # again: the export took a while
-    if overwrite:
-        atomic_write_bytes(out, data)
-    else:
-        try:
-            atomic_create_bytes(out, data)
-        except FileExistsError:
-            raise CifarlabError(f"{out} appeared while exporting; not replacing it.") from None
+    created = _make_folders(Path(os.path.abspath(out)).parent)
+    try:
+        if overwrite:
+            atomic_write_bytes(out, data)
+        else:
+            try:
+                atomic_create_bytes(out, data)
+            except FileExistsError:
+                raise CifarlabError(f"{out} appeared while exporting; not replacing it.") from None
+    except BaseException:
+        for folder in created:  # a failed export leaves no empty folders behind
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
     return report
 
 
@@ -226,3 +288,12 @@ def default_output(checkpoint: str | Path) -> Path:
         return beside / f"{path.name}.onnx"
     return path / "model.onnx"
 
+
+def output_path(checkpoint: str | Path, out: str | Path | None = None) -> Path:
+    """Where ``--out`` means to write: nothing given, the :func:`default_output`; a folder (one that exists, or
+    a path written with a trailing '/'), the default file name inside it; else the file itself."""
+    if not out:
+        return default_output(checkpoint)
+    if str(out).endswith(("/", os.sep)) or Path(out).is_dir():
+        return Path(out) / default_output(checkpoint).name
+    return Path(out)

@@ -1,8 +1,6 @@
 """``cifarlab export CHECKPOINT --format onnx``: an ONNX model with the normalization inside."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from .args import bounded_int
 
 
@@ -16,7 +14,9 @@ def register(sub) -> None:
                                    "'cifarlab.classes'.")
     p.add_argument("checkpoint", help="a run folder, a checkpoint folder or a .safetensors file")
     p.add_argument("--format", choices=["onnx"], default="onnx", help="output format (default: onnx)")
-    p.add_argument("--out", help="output file (default: model.onnx in the run folder, or beside the file)")
+    p.add_argument("--out", help="output file, or a folder to put it in (missing folders are created; default: "
+                                 "model.onnx in the run folder, or beside the file; never inside a checkpoint or "
+                                 "at a name the run folder keeps for itself, such as final/)")
     p.add_argument("--opset", type=bounded_int(13, 20), default=DEFAULT_OPSET,
                    help=f"ONNX opset version (default: {DEFAULT_OPSET})")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check against PyTorch")
@@ -27,10 +27,10 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..checkpoints import load_checkpoint
-    from ..export import INPUT_NAME, default_output, export_onnx, input_shape
+    from ..export import INPUT_NAME, export_onnx, input_shape, output_path
 
     ckpt = load_checkpoint(args.checkpoint)
-    out = Path(args.out) if args.out else default_output(args.checkpoint)
+    out = output_path(args.checkpoint, args.out)
     report = export_onnx(ckpt, out, opset=args.opset, verify=not args.no_verify, overwrite=args.force)
     verified = report.get("verified")
     shape = ", ".join(map(str, input_shape(ckpt)))
