@@ -386,3 +386,32 @@ def prune_checkpoints(run_dir: Path, keep: int = 2) -> None:
 
 def checkpoint_name(global_step: int) -> str:
     return f"step-{global_step:09d}"
+
+
+def check_input_shape(ckpt: Checkpoint, image_shape, what: str = "the data") -> None:
+    """The checkpoint's model can take images of ``image_shape`` (C, H, W) with its weights, else a one-line
+    CheckpointError naming the layer and what to pass (before any image goes in: a flattening net fed
+    another size fails deep inside torch). A net that ends in a global pool takes other sizes its layers
+    allow; one that flattens takes its own size only."""
+    from .errors import DeclarationError
+    from .models import input_shape, layers
+
+    declaration = ckpt.model.declaration
+    trained, shape = tuple(input_shape(declaration)), tuple(int(v) for v in image_shape)
+    if shape == trained:
+        return
+    try:
+        pairs = zip(layers(declaration), layers(validate(declaration, input_shape=shape)))
+        problem = next((f"its layer {a.name!r} has weights for {_shape_text(a.input_shape)} inputs, not "
+                        f"{_shape_text(b.input_shape)}" for a, b in pairs if a.params != b.params), None)
+    except DeclarationError as e:
+        problem = str(e)
+    if problem:
+        raise CheckpointError(f"{ckpt.path}: the model takes {_shape_text(trained)} images and {what} is "
+                              f"{_shape_text(shape)} ({problem}). Use pictures of the model's size: leave out "
+                              f"--image-size (the run's own data comes back at its size), or pass --image-size "
+                              f"{trained[1]} with a folder dataset.")
+
+
+def _shape_text(shape) -> str:
+    return "x".join(str(v) for v in shape)

@@ -2,9 +2,11 @@
 
 How a file becomes S x S RGB (S = 32 for CIFAR models), in order:
 
-1. **Checks before decoding.** The file must exist, be a regular file and be at most ``MAX_FILE_BYTES``.
-   Pillow reads only the header first; an image over ``MAX_PIXELS`` (width x height) is refused before
-   any pixel is decoded, so a decompression bomb (a tiny file claiming gigapixels) costs nothing.
+1. **Checks before decoding.** The file must exist, be a regular file and be at most ``MAX_FILE_BYTES``,
+   checked again on the open descriptor (opened without blocking, so a FIFO named ``x.jpg`` is refused
+   and never waited on, and the file checked is the file read). Pillow reads only the header first; an
+   image over ``MAX_PIXELS`` (width x height) is refused before any pixel is decoded, so a decompression
+   bomb (a tiny file claiming gigapixels) costs nothing.
 2. **Decode** the first frame (animated GIF/WebP/multi-page TIFF: frame 0). Truncated or damaged data
    is refused rather than padded with grey (Pillow's ``LOAD_TRUNCATED_IMAGES`` stays off).
 3. **EXIF orientation** is applied (``ImageOps.exif_transpose``), so a phone photo is upright.
@@ -34,7 +36,8 @@ How a file becomes S x S RGB (S = 32 for CIFAR models), in order:
    A ``size`` x ``size`` input passes through unchanged with every fit, and a square picture comes out
    the same with every fit.
 
-Every failure raises :class:`cifarlab.errors.ImageError` with the file name and the reason.
+Every failure raises :class:`cifarlab.errors.ImageError` with the file name (printable: bytes that are not
+UTF-8 shown as ``\\xNN``, see :func:`shown`) and the reason.
 """
 from __future__ import annotations
 
@@ -69,8 +72,7 @@ def load_image(path: str | Path, size: int = SIZE, max_pixels: int = MAX_PIXELS,
     """Read one image file as a uint8 tensor (3, size, size), converted as the module docstring says."""
     check_fit(fit)
     path = Path(path)
-    _check_file(path)
-    with _open(path, max_pixels) as im:
+    with _checked_file(path) as f, _open(f, path, max_pixels) as im:
         frame = _decode(im, path)
     rgb = _to_rgb(_upright(frame, path), path)
     square = fit_square(rgb, size, fit)
@@ -134,8 +136,7 @@ def header_size(path: str | Path, max_pixels: int = MAX_PIXELS) -> tuple[int, in
     """(width, height) from the file's header, after the same checks as :func:`load_image`; no pixel is
     decoded. Raises ImageError. (EXIF orientation may swap them; the shorter side is the same.)"""
     path = Path(path)
-    _check_file(path)
-    with _open(path, max_pixels) as im:
+    with _checked_file(path) as f, _open(f, path, max_pixels) as im:
         return im.size
 
 
@@ -151,49 +152,77 @@ def center_crop_square(im: Image.Image) -> Image.Image:
 # Steps
 
 
+def shown(path) -> str:
+    """A file name as messages show it: one printable line (``cifarlab.data.base.printable``)."""
+    from .data.base import printable
+
+    return printable(str(path))
+
+
 def _check_file(path: Path) -> None:
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise ImageError(f"{path}: no such file.") from None
+        raise ImageError(f"{shown(path)}: no such file.") from None
     except OSError as e:
-        raise ImageError(f"{path}: cannot read it ({e.strerror}).") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise ImageError(f"{path}: is a folder, not an image file.")
-    if not stat.S_ISREG(st.st_mode):
-        raise ImageError(f"{path}: not a regular file (a device, pipe or socket); give an image file.")
-    if st.st_size == 0:
-        raise ImageError(f"{path}: the file is empty, not an image.")
-    if st.st_size > MAX_FILE_BYTES:
-        raise ImageError(f"{path}: {st.st_size / 1024 ** 2:,.0f} MiB is more than the "
-                         f"{MAX_FILE_BYTES // 1024 ** 2} MiB an input image may have.")
+        raise ImageError(f"{shown(path)}: cannot read it ({e.strerror}).") from None
+    _check_stat(st, path)
     if not os.access(path, os.R_OK):
-        raise ImageError(f"{path}: no permission to read it.")
+        raise ImageError(f"{shown(path)}: no permission to read it.")
 
 
-def _open(path: Path, max_pixels: int) -> Image.Image:
+def _check_stat(st: os.stat_result, path: Path) -> None:
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError(f"{shown(path)}: is a folder, not an image file.")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(f"{shown(path)}: not a regular file (a device, pipe or socket); give an image file.")
+    if st.st_size == 0:
+        raise ImageError(f"{shown(path)}: the file is empty, not an image.")
+    if st.st_size > MAX_FILE_BYTES:
+        raise ImageError(f"{shown(path)}: {st.st_size / 1024 ** 2:,.0f} MiB is more than the "
+                         f"{MAX_FILE_BYTES // 1024 ** 2} MiB an input image may have.")
+
+
+def _checked_file(path: Path):
+    """The file, checked by name (the messages) and then opened without blocking and checked again on the
+    descriptor: a file swapped for a FIFO or a huge file in between is refused, never waited on or read."""
+    _check_file(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise ImageError(f"{shown(path)}: cannot read it ({e.strerror}).") from None
+    try:
+        _check_stat(os.fstat(fd), path)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open(f, path: Path, max_pixels: int) -> Image.Image:
     """Open lazily (header only) and refuse oversized images before any pixel is decoded."""
     try:
         with warnings.catch_warnings():
             # Pillow warns above its own limit; ours is lower and checked just below.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
+            im = Image.open(f)
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{path}: the image is larger than the {max_pixels:,} pixels allowed; refusing to "
+        raise ImageError(f"{shown(path)}: the image is larger than the {max_pixels:,} pixels allowed; refusing to "
                          f"decode it (possible decompression bomb). Pillow says: {e}") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image file Pillow can read (PNG, JPEG, GIF, BMP, WebP, TIFF, ...).") \
-            from None
+        raise ImageError(f"{shown(path)}: not an image file Pillow can read (PNG, JPEG, GIF, BMP, WebP, TIFF, "
+                         f"...).") from None
     except Exception as e:  # plugins raise many types (SyntaxError, struct.error, ...) for broken headers
-        raise ImageError(f"{path}: cannot read the image header ({type(e).__name__}: {e}).") from None
+        raise ImageError(f"{shown(path)}: cannot read the image header ({type(e).__name__}: {e}).") from None
     w, h = im.size
     if w * h > max_pixels:
         im.close()
-        raise ImageError(f"{path}: {w}x{h} = {w * h:,} pixels is more than the {max_pixels:,} allowed; refusing "
-                         f"to decode it (possible decompression bomb).")
+        raise ImageError(f"{shown(path)}: {w}x{h} = {w * h:,} pixels is more than the {max_pixels:,} allowed; "
+                         f"refusing to decode it (possible decompression bomb).")
     if w < 1 or h < 1:
         im.close()
-        raise ImageError(f"{path}: the image has no pixels ({w}x{h}).")
+        raise ImageError(f"{shown(path)}: the image has no pixels ({w}x{h}).")
     return im
 
 
@@ -204,7 +233,7 @@ def _decode(im: Image.Image, path: Path) -> Image.Image:
         im.load()
         return im.copy()  # copy() keeps im.info (the transparency entry _to_rgb looks for)
     except Exception as e:  # truncation raises OSError; other damage raises assorted plugin errors
-        raise ImageError(f"{path}: cannot decode the {im.format or 'image'} data; it is truncated or damaged "
+        raise ImageError(f"{shown(path)}: cannot decode the {im.format or 'image'} data; it is truncated or damaged "
                          f"({type(e).__name__}: {e}).") from None
 
 
@@ -212,17 +241,17 @@ def _upright(im: Image.Image, path: Path) -> Image.Image:
     try:
         return ImageOps.exif_transpose(im)
     except Exception as e:  # a malformed EXIF block should not make a usable image unusable
-        warnings.warn(f"{path}: ignoring unreadable EXIF orientation ({type(e).__name__}: {e})", stacklevel=3)
+        warnings.warn(f"{shown(path)}: ignoring unreadable EXIF orientation ({type(e).__name__}: {e})", stacklevel=3)
         return im
 
 
 def _to_rgb(im: Image.Image, path: Path) -> Image.Image:
     mode = im.mode
     if mode == "F":
-        raise ImageError(f"{path}: a 32-bit floating-point image (mode F) has no agreed 0..255 range; save it "
+        raise ImageError(f"{shown(path)}: a 32-bit floating-point image (mode F) has no agreed 0..255 range; save it "
                          f"as an 8- or 16-bit image.")
     if mode == "LAB":
-        raise ImageError(f"{path}: CIELab images are not supported (Pillow cannot convert them to RGB "
+        raise ImageError(f"{shown(path)}: CIELab images are not supported (Pillow cannot convert them to RGB "
                          f"correctly); save it as RGB.")
     if mode in _SIXTEEN_BIT or mode == "I":
         return _wide_gray_to_rgb(im)
@@ -233,7 +262,7 @@ def _to_rgb(im: Image.Image, path: Path) -> Image.Image:
             return Image.alpha_composite(background, rgba).convert("RGB")
         return im if mode == "RGB" else im.convert("RGB")
     except (ValueError, OSError) as e:
-        raise ImageError(f"{path}: cannot convert color mode {mode} to RGB ({e}).") from None
+        raise ImageError(f"{shown(path)}: cannot convert color mode {mode} to RGB ({e}).") from None
 
 
 def _wide_gray_to_rgb(im: Image.Image) -> Image.Image:

@@ -1,4 +1,9 @@
-"""PNG plots with matplotlib's Agg backend, written atomically."""
+"""PNG plots with matplotlib's Agg backend, written atomically.
+
+Names drawn in a figure (classes, files, layers) are data, never markup: :func:`pyplot` turns matplotlib's
+mathtext and TeX off, so a class folder named ``$x^$`` or ``\\nosuchmacro`` is drawn as those characters
+instead of failing the whole command inside the mathtext parser; long names are shortened with an ellipsis
+(:func:`label`) so a 1,000-character class name does not make a figure 1,000 characters wide."""
 from __future__ import annotations
 
 import io
@@ -9,15 +14,27 @@ import numpy as np
 from .fsutil import atomic_write_bytes
 
 
+MAX_LABEL = 40  # characters of a name drawn in a figure; the full name is in results.json and the report
+
+
 def pyplot():
     """matplotlib.pyplot on the Agg backend (headless, deterministic; never needs a display), imported
-    on first use: commands that draw nothing (training, --help) do not pay for loading it."""
+    on first use: commands that draw nothing (training, --help) do not pay for loading it. Every figure
+    cifarlab draws comes from here, so this is where text stops being parsed as math or TeX: no figure
+    uses either, and any name may hold '$', '^' or '\\'."""
     import matplotlib
 
     matplotlib.use("Agg")
+    matplotlib.rcParams.update({"text.parse_math": False, "text.usetex": False})
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def label(name, limit: int = MAX_LABEL) -> str:
+    """A name as a figure shows it: at most ``limit`` characters (the end replaced by an ellipsis)."""
+    text = str(name)
+    return text if len(text) <= limit else text[:limit - 1] + "\u2026"
 
 
 def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
@@ -69,11 +86,11 @@ def confusion_matrix_plot(cm: np.ndarray, classes: list[str], path: str | Path) 
     if many:
         step = max(1, n // 50)
         ticks = range(0, n, step)
-        ax.set_xticks(ticks, [classes[i] for i in ticks], rotation=90, fontsize=6)
-        ax.set_yticks(ticks, [classes[i] for i in ticks], fontsize=6)
+        ax.set_xticks(ticks, [label(classes[i]) for i in ticks], rotation=90, fontsize=6)
+        ax.set_yticks(ticks, [label(classes[i]) for i in ticks], fontsize=6)
     else:
-        ax.set_xticks(range(n), classes, rotation=45, ha="right")
-        ax.set_yticks(range(n), classes)
+        ax.set_xticks(range(n), [label(c) for c in classes], rotation=45, ha="right")
+        ax.set_yticks(range(n), [label(c) for c in classes])
         threshold = cm.max() / 2
         for i in range(cm.shape[0]):
             for j in range(cm.shape[1]):
@@ -84,7 +101,7 @@ def confusion_matrix_plot(cm: np.ndarray, classes: list[str], path: str | Path) 
 
 
 def per_class_accuracy_plot(per_class: dict[str, float], path: str | Path) -> Path:
-    names, values = list(per_class), [100 * v for v in per_class.values()]
+    names, values = [label(name) for name in per_class], [100 * v for v in per_class.values()]
     if len(names) > MAX_ANNOTATED_CLASSES:  # sorted, best first: the spread and the worst classes at a glance
         order = np.argsort(values, kind="stable")[::-1]
         names, values = [names[i] for i in order], [values[i] for i in order]
@@ -95,7 +112,7 @@ def per_class_accuracy_plot(per_class: dict[str, float], path: str | Path) -> Pa
         ax.set_title("Per-class test accuracy, sorted")
     else:
         fig, ax = pyplot().subplots(figsize=(8, 4))
-        bars = ax.bar(names, values, color="tab:blue")
+        bars = ax.bar(range(len(names)), values, color="tab:blue", tick_label=names)
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
         ax.tick_params(axis="x", rotation=45)
         ax.set_title("Per-class test accuracy")
@@ -126,7 +143,7 @@ def image_grid(images, titles: list[str], path: str | Path, cols: int = 8, title
 def prediction_gallery(images, evaluation, indices, path: str | Path, title: str) -> Path:
     """The exercise's gallery: each image titled 'pred: X / score: 0.93 / true: Y'."""
     classes = evaluation.classes
-    titles = [f"pred: {classes[evaluation.predictions[i]]}\n"
+    titles = [f"pred: {label(classes[evaluation.predictions[i]], 24)}\n"
               f"score: {evaluation.probabilities[i, evaluation.predictions[i]]:.3f}\n"
-              f"true: {classes[evaluation.labels[i]]}" for i in indices]
+              f"true: {label(classes[evaluation.labels[i]], 24)}" for i in indices]
     return image_grid(images[np.asarray(indices)], titles, path, title=title, cell=(2.0, 2.9))

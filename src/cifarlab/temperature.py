@@ -55,14 +55,7 @@ def holdout_of(ckpt, data):
     if n_val <= 0:
         raise CalibrationError(f"{ckpt.path}: this run has no held-out training images to fit a temperature on "
                                "(the test set is never used for that): train with --val-split N (e.g. 5000)")
-    train = data.train
-    subset = ((ckpt.meta.get("dataset") or {}).get("identity") or {}).get("train_subset")
-    if subset:
-        words = str(subset).split()
-        if len(words) != 2 or words[0] != "first" or not words[1].isdigit():
-            raise CalibrationError(f"{ckpt.path}: trained on a training subset this command cannot rebuild "
-                                   f"({subset!r})")
-        train = train.subset(slice(0, int(words[1])))
+    train = trained_on(ckpt, data).train
     stored = (ckpt.meta.get("dataset") or {}).get("train_images")
     if stored is not None and int(stored) != len(train):
         raise CalibrationError(f"{ckpt.path}: trained on {stored} training images, but the data has {len(train)}: "
@@ -73,14 +66,36 @@ def holdout_of(ckpt, data):
     return held_out
 
 
+def trained_on(ckpt, data):
+    """``data`` as the run saw it: with its ``--train-subset`` (the first N training images) applied."""
+    subset = ((ckpt.meta.get("dataset") or {}).get("identity") or {}).get("train_subset")
+    if not subset:
+        return data
+    words = str(subset).split()
+    if len(words) != 2 or words[0] != "first" or not words[1].isdigit() or int(words[1]) > len(data.train):
+        raise CalibrationError(f"{ckpt.path}: trained on a training subset this command cannot rebuild from this "
+                               f"data ({subset!r})")
+    return data.with_train(data.train.subset(slice(0, int(words[1]))), subset)
+
+
+def check_same_data(ckpt, data) -> None:
+    """The data must be what the run trained on, by content (the checks a resume makes: classes, image
+    size, checksums of the images): a temperature fitted on other pictures would be stored as the run's."""
+    from .rundir import data_identity, identity_differences
+
+    differences = identity_differences(ckpt.meta.get("data_identity"), data_identity(trained_on(ckpt, data)))
+    if differences:
+        raise CalibrationError(f"{ckpt.path}: the data is not what this run trained on: " + "; ".join(differences)
+                               + ". Calibrate with the run's own data (its photos unchanged, or "
+                                 "--dataset/--data-dir naming an identical copy).")
+
+
 def calibrate_checkpoint(ckpt, data, device=None, tta: int | None = None) -> dict:
     """Fit T on the run's held-out images and re-save ``ckpt`` (atomically, same folder) with it in its
     meta. Returns the calibration entry."""
-    from .checkpoints import save_checkpoint
+    from .checkpoints import STATE_FILE, check_input_shape, save_checkpoint
     from .evaluate import checkpoint_tta, predict_logits
     from .transforms import Normalization
-
-    from .checkpoints import STATE_FILE
 
     folder = ckpt.path
     if not folder.is_dir() or (folder / STATE_FILE).exists():
@@ -89,7 +104,9 @@ def calibrate_checkpoint(ckpt, data, device=None, tta: int | None = None) -> dic
     if ckpt.meta.get("classes") != list(data.classes):
         raise CalibrationError(f"{ckpt.path}: trained for classes {ckpt.meta.get('classes')}, but the data has "
                                f"{list(data.classes)}")
-    held_out = holdout_of(ckpt, data)
+    check_input_shape(ckpt, data.image_shape)
+    held_out = holdout_of(ckpt, data)  # first: no hold-out at all, or another number of images, says so plainly
+    check_same_data(ckpt, data)
     tta = checkpoint_tta(ckpt.meta, tta)
     normalization = Normalization.from_dict(ckpt.meta["normalization"])
     model = ckpt.model.to(device) if device else ckpt.model

@@ -27,7 +27,9 @@ from .errors import CifarlabError, short_repr
 MAX_JSON_BYTES = 64 * 1024 ** 2  # meta.json / results.json: a history of 10,000 epochs is about 2 MB
 MAX_JSON_DEPTH = 64               # a declaration nests 4 deep, a checkpoint's metadata 6
 MAX_CLASSES = 100_000
-MAX_CLASS_NAME = 200
+# Any folder name a file system allows (255 bytes) in its printable form (4 characters for a byte that is
+# not UTF-8); data loading refuses longer names before a run starts (cifarlab.data.base.check_class_names).
+MAX_CLASS_NAME = 1024
 MAX_EPOCHS = 10_000
 MAX_STEPS = 10 ** 12
 META_SHA_KEY = "meta_sha256"

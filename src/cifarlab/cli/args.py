@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
+from ..errors import CifarlabError
+
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
@@ -68,44 +70,55 @@ def add_data_args(p: argparse.ArgumentParser, default_help: str = "cifar10") -> 
                         f"the sides are lost), squish (all of it, stretched), pad (all of it, aspect kept, "
                         f"mirrored margins) (default: {DEFAULT_FIT}, {DEFAULT_FIT_WHY}; a checkpoint's data: its "
                         f"own fit)")
-    g.add_argument("--test-fraction", type=bounded_float(0.01, 0.9), default=0.2,
-                   help="folder datasets without train/ and test/: the stratified test share (default: 0.2)")
-    g.add_argument("--split-seed", type=bounded_int(0, 2 ** 32 - 1), default=0,
-                   help="folder datasets without train/ and test/: the split's seed (default: 0)")
+    g.add_argument("--test-fraction", type=bounded_float(0.01, 0.9), default=None,
+                   help="folder datasets without train/ and test/: the stratified test share (default: 0.2; a "
+                        "checkpoint's data: its own)")
+    g.add_argument("--split-seed", type=bounded_int(0, 2 ** 32 - 1), default=None,
+                   help="folder datasets without train/ and test/: the split's seed (default: 0; a checkpoint's "
+                        "data: its own)")
     g.add_argument("--strict", action="store_true", help="folder datasets: refuse unreadable images instead of "
                                                         "skipping them")
 
 
-def load_data(args, stored: dict | None = None, log=print):
+def load_data(args, stored: dict | None = None, log=print, refuse_changes: bool = False):
     """The dataset the options name, or else the one a checkpoint was trained on (``stored``: its meta's
     "dataset" entry), or else CIFAR-10. Skipped files are listed.
 
-    The checkpoint's own data is loaded as it was: same image size, fit and split. Another folder named
-    with a checkpoint takes the checkpoint's image size and fit unless --image-size/--fit say otherwise
-    (the model was trained on pictures prepared that way). Unset options (None) leave the dataset's own
-    default: the automatic size and DEFAULT_FIT for folders, 32 for CIFAR."""
+    The checkpoint's own data is loaded as it was: same image size, fit and split; a data option given
+    with another value is named as ignored (``refuse_changes``, for a resume or a calibration, which write
+    into the run: refused, naming it). Another
+    folder named with a checkpoint (the run's photos, moved) takes the checkpoint's image size, fit and
+    split unless the options say otherwise (the model was trained on pictures prepared that way). Unset
+    options (None) leave the dataset's own default: the automatic size, DEFAULT_FIT, a 0.2 test share
+    with seed 0 for folders, 32 for CIFAR."""
     from ..data import load_dataset, parse_spec, stored_options
+    from ..data.base import printable
 
-    size, fit = getattr(args, "image_size", None), getattr(args, "fit", None)
-    test_fraction, split_seed = getattr(args, "test_fraction", 0.2), getattr(args, "split_seed", 0)
+    given = {"image_size": getattr(args, "image_size", None), "fit": getattr(args, "fit", None),
+             "test_fraction": getattr(args, "test_fraction", None), "split_seed": getattr(args, "split_seed", None)}
     spec = getattr(args, "dataset", None)
+    options = {k: v for k, v in given.items() if v is not None}
     if stored:
         kept = stored_options(stored)
-        stored_size, stored_fit = kept["image_size"], kept["fit"]
         if not spec:  # the checkpoint's own data, loaded as it was: same size, same fit, same split
             spec = stored.get("spec")
-            if fit is not None and fit != stored_fit:
-                log(f"note: --fit {fit} ignored: the run's data {spec} was fitted with {stored_fit}")
-            size, fit = stored_size, stored_fit
-            test_fraction, split_seed = kept["test_fraction"], kept["split_seed"]
+            split = "seed" in ((stored.get("identity") or {}) if isinstance(stored.get("identity"), dict) else {})
+            applies = {"image_size", "fit"} | ({"test_fraction", "split_seed"} if split else set())
+            changed = [(f"--{k.replace('_', '-')} {v}", f"{k.replace('_', ' ')} {kept[k]}")
+                       for k, v in options.items() if k in applies and v != kept[k]]
+            if changed and refuse_changes:
+                raise CifarlabError(f"the run's data {printable(str(spec))} was prepared with "
+                                    + ", ".join(f"{theirs}, not {asked}" for asked, theirs in changed)
+                                    + "; resuming or calibrating uses the data as the run prepared it. Leave those "
+                                      "options out (or start a new run, another --name).")
+            for asked, theirs in changed:
+                log(f"note: {asked} ignored: the run's data {printable(str(spec))} is loaded as it was prepared "
+                    f"({theirs}); name other data with --dataset")
+            options = dict(kept)
         elif parse_spec(spec)[0] == "folder":
-            size = stored_size if size is None else size
-            fit = stored_fit if fit is None else fit
-    options = {"test_fraction": test_fraction, "split_seed": split_seed}
-    if size is not None:
-        options["image_size"] = size
-    if fit is not None:
-        options["fit"] = fit
+            options = dict(kept, **options)
+    options.setdefault("test_fraction", 0.2)
+    options.setdefault("split_seed", 0)
     ds = load_dataset(spec or "cifar10", data_dir=args.data_dir, download=not args.no_download,
                       progress=not getattr(args, "no_progress", False), strict=getattr(args, "strict", False),
                       log=log, **options)

@@ -27,7 +27,8 @@ def run(args) -> int:
     from ..temperature import calibrate_checkpoint
 
     ckpt = load_checkpoint(args.run)
-    data = load_data(args, stored=ckpt.meta.get("dataset"), log=lambda *a, **k: None if args.json else print(*a))
+    data = load_data(args, stored=ckpt.meta.get("dataset"), log=lambda *a, **k: None if args.json else print(*a),
+                     refuse_changes=True)  # the temperature is stored in the run: fitted on the run's own data
     from ..rundir import RunLock
 
     with RunLock(ckpt.path.parent):  # never while a training or another command writes this run

@@ -37,7 +37,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from .. import pipeline
-    from ..checkpoints import load_checkpoint
+    from ..checkpoints import check_input_shape, load_checkpoint
     from ..data import load_dataset, parse_spec, stored_options
 
     if args.device:
@@ -54,6 +54,8 @@ def run(args) -> int:
     fitted = {k: v for k, v in stored_options(ckpt.meta.get("dataset") or {}).items() if k in ("image_size", "fit")}
     shifted = [load_dataset(spec, download=not args.no_download, progress=not args.json,
                             **(fitted if parse_spec(spec)[0] == "folder" else {})) for spec in args.on]
+    for ds, what in [(data, "the data"), *((d, f"--on {d.spec or d.name}") for d in shifted)]:
+        check_input_shape(ckpt, ds.image_shape, what)  # a model that flattens takes its own size only
     detector, ood_sets = _ood_inputs(args, ckpt, data, quiet=args.json)  # fails before anything is written
     ev, files = pipeline.evaluate_to_folder(ckpt, data, out, seed=args.seed, tta=args.tta, device=args.device,
                                             shifted=shifted, tta_below=args.tta_below)

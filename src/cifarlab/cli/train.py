@@ -97,7 +97,8 @@ def train_command(args, evaluate_after: bool) -> int:
     with rundir.claim(run_dir, args.resume) if is_main else contextlib.nullcontext():
         stored = stored_run(run_dir) if args.resume else None
         recipe = resume_recipe(args, stored, run_dir) if stored else recipe_from_args(args, args.preset or "exercise")
-        data = load_data(args, stored=stored.get("dataset") if stored else None, log=log)
+        data = load_data(args, stored=stored.get("dataset") if stored else None, log=log,
+                         refuse_changes=bool(stored))  # a resume never silently changes the run's data
         subset = args.train_subset or (stored or {}).get("train_subset")
         if subset:
             if subset > len(data.train):

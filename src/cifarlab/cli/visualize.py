@@ -85,13 +85,14 @@ def explain_settings(args):
 
 
 def run(args) -> int:
-    from ..checkpoints import load_checkpoint
+    from ..checkpoints import check_input_shape, load_checkpoint
     from ..visualize import StimulusSettings, render_all
 
     ckpt = load_checkpoint(args.checkpoint)
     path = Path(args.checkpoint)
     out = Path(args.out) if args.out else (path if path.is_dir() else path.parent) / "visualize"
     data = load_data(args, stored=ckpt.meta.get("dataset"))
+    check_input_shape(ckpt, data.image_shape)  # a model that flattens takes its own size only
     settings = StimulusSettings.for_method(args.method, steps=args.steps, fft=args.fft or None)
     result = render_all(ckpt, out, data=data, seed=args.seed, images=args.images, settings=settings,
                         threads=args.threads or None, cam_layer=args.layer, max_channels=args.max_channels,

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,8 +18,10 @@ import torch
 
 from ..errors import DataError
 from ..fsutil import atomic_write_json
+from ..validation import MAX_CLASS_NAME  # one bound for the loader and for every reader of a run's classes
 
 MAX_CLASSES = 10_000
+MAX_DIGEST_BYTES = 1024 ** 3  # a file checksummed before use: the largest official archive is 170 MB
 
 
 @dataclass(repr=False)
@@ -101,7 +105,48 @@ def check_dataset(ds: Dataset, source: str) -> Dataset:
                         f"{tuple(ds.test.images.shape[1:])}")
     if not 2 <= len(ds.classes) <= MAX_CLASSES or len(set(ds.classes)) != len(ds.classes):
         raise DataError(f"{source}: needs 2..{MAX_CLASSES} distinct class names, found {len(ds.classes)}")
+    check_class_names(ds.classes, source)
     return ds
+
+
+def check_class_names(classes: list[str], source: str) -> None:
+    """Every class name is a non-empty string of at most MAX_CLASS_NAME characters: checked when data is
+    loaded, before a run starts, with the bound checkpoints are read back with (a run that trained must
+    stay readable)."""
+    for i, name in enumerate(classes):
+        if not isinstance(name, str) or not name:
+            raise DataError(f"{source}: class {i} has an empty name; every class needs a name.")
+        if len(name) > MAX_CLASS_NAME:
+            raise DataError(f"{source}: class {i} is named with {len(name):,} characters ({name[:40]!r}...); a "
+                            f"class name may have at most {MAX_CLASS_NAME:,}. Shorten it.")
+
+
+def printable(name: str) -> str:
+    """A file or class name as text that prints, goes into JSON and reads back the same on every system:
+    bytes that are not UTF-8 (which the OS decoding keeps as surrogates) become ``\\xNN`` and control
+    characters (newline, tab, escape) become ``\\n``, ``\\t``, ``\\x1b``, so a name stays one line.
+    Every other name comes back unchanged."""
+    text = name
+    if any("\ud800" <= ch <= "\udfff" for ch in text):
+        try:
+            text = os.fsencode(text).decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a surrogate that is not an undecodable byte
+            text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if not any(unicodedata.category(ch) == "Cc" for ch in text):
+        return text
+    return "".join(ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) == "Cc" else ch
+                   for ch in text)
+
+
+def user_path(text: str | os.PathLike, what: str) -> Path:
+    """A path the user gave (``what``: how it was given, "--data-dir=", "CIFARLAB_CACHE=", "folder:"), with
+    ``~`` and ``~user`` expanded; an unknown user is a one-line DataError, not a traceback."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # pathlib: "Could not determine home directory."
+        head = str(text).split("/", 1)[0]
+        raise DataError(f"{what}{printable(str(text))}: cannot expand {printable(head)!r} (no such user, or no "
+                        f"home folder known); write the path out in full.") from None
 
 
 def empty_split(image_shape: tuple[int, int, int]) -> Split:
@@ -124,27 +169,47 @@ def cache_dir() -> Path:
     """Where downloads, decoded image folders and verification stamps live (``$CIFARLAB_CACHE`` overrides)."""
     env = os.environ.get("CIFARLAB_CACHE")
     if env:
-        path = Path(env).expanduser()
-        if path.exists() and not path.is_dir():
-            raise DataError(f"CIFARLAB_CACHE={path} is not a folder; point it at a folder (or unset it).")
+        path = user_path(env, "CIFARLAB_CACHE=")
+        blocking = next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), None)
+        if blocking is not None and not blocking.is_dir():
+            where = "is not a folder" if blocking == path else f"is inside {blocking}, which is not a folder"
+            raise DataError(f"CIFARLAB_CACHE={path} {where}; point it at a folder (or unset it).")
         return path
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "cifarlab"
 
 
-def md5_of(path: Path, chunk: int = 1 << 20) -> str:
-    return _digest(path, hashlib.md5(), chunk)
+def md5_of(path: Path, chunk: int = 1 << 20, max_bytes: int = MAX_DIGEST_BYTES) -> str:
+    return _digest(path, hashlib.md5(), chunk, max_bytes)
 
 
-def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
-    return _digest(path, hashlib.sha256(), chunk)
+def sha256_of(path: Path, chunk: int = 1 << 20, max_bytes: int = MAX_DIGEST_BYTES) -> str:
+    return _digest(path, hashlib.sha256(), chunk, max_bytes)
 
 
-def _digest(path: Path, digest, chunk: int) -> str:
-    with open(path, "rb") as f:
+def _digest(path: Path, digest, chunk: int, max_bytes: int = MAX_DIGEST_BYTES) -> str:
+    """The digest of a regular file of at most ``max_bytes``, checked on the open descriptor before reading:
+    a FIFO named like a data file never blocks, and a 200 GiB sparse file is refused, not read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise DataError(f"{path}: cannot open it ({e.strerror or e}).") from None
+    with os.fdopen(fd, "rb") as f:
+        check_regular(os.fstat(fd), path, max_bytes)
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_regular(st: os.stat_result, path, max_bytes: int) -> None:
+    """A stat result of a regular file of at most ``max_bytes``; else a one-line DataError naming ``path``."""
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else \
+            "a device or socket"
+        raise DataError(f"{path}: not a regular file (it is {kind}); refusing to read it.")
+    if st.st_size > max_bytes:
+        raise DataError(f"{path}: {st.st_size:,} bytes is more than the {max_bytes:,} a data file here may have "
+                        f"(a sparse or wrong file); refusing to read it.")
 
 
 def _stamp_path() -> Path:
@@ -174,8 +239,12 @@ def verify_files(root: Path, files: dict[str, str], hint: str, remember: bool = 
     changed = False
     for name, expected in files.items():
         path = root / name
-        if not path.is_file():
-            raise DataError(f"{path}: file is missing. {hint}")
+        try:
+            check_regular(path.stat(), path, MAX_DIGEST_BYTES)
+        except FileNotFoundError:
+            raise DataError(f"{path}: file is missing. {hint}") from None
+        except DataError as e:
+            raise DataError(f"{e} {hint}") from None
         key = _file_key(path)
         if stamps.get(key) == expected:
             continue

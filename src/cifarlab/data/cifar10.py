@@ -18,7 +18,7 @@ import torch
 
 from ..errors import DataError
 from .base import Dataset, Split, cache_dir, check_dataset, md5_of, read_records_file, read_small_text, \
-    verify_files
+    user_path, verify_files
 from .download import ArchiveSpec, extract_archive_into_cache, fetch
 
 BIN_DIRNAME = "cifar-10-batches-bin"
@@ -132,7 +132,7 @@ def locate(spec: ArchiveSpec, looks_like, data_dir: str | Path | None, download:
         return None
 
     if data_dir:
-        path = Path(data_dir).expanduser()
+        path = user_path(data_dir, "--data-dir=")
         if path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
             # Only the official archive: the cache may already hold its folder, and a different archive
             # must not be answered with that cached copy.
@@ -147,7 +147,7 @@ def locate(spec: ArchiveSpec, looks_like, data_dir: str | Path | None, download:
         return found
     env = os.environ.get("CIFARLAB_DATA")
     if env:
-        path = Path(env).expanduser()
+        path = user_path(env, "CIFARLAB_DATA=")
         if not path.exists():
             raise DataError(f"CIFARLAB_DATA={path}: no such file or folder. Expected a {spec.folder} folder or "
                             f"a folder holding it.")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .base import Dataset, Split, check_dataset, read_records_file
+from .base import Dataset, Split, check_class_names, check_dataset, read_records_file
 from .cifar10 import locate, parse_records, read_class_names
 from .download import ArchiveSpec
 
@@ -54,10 +54,11 @@ def load_cifar100(data_dir: str | Path | None = None, labels: str = "fine", down
     if verify:
         archive.verify_folder(root, HINT)
     names_file, count, _ = LABEL_FILES[labels]
+    classes = read_class_names(root / names_file, expected=count, hint=HINT)
+    check_class_names(classes, str(root / names_file))  # before 180 MB are read
     train_x, train_y = read_split(root / TRAIN_FILE, labels)
     test_x, test_y = read_split(root / TEST_FILE, labels, max_records=10_000)
-    ds = Dataset(train=_split(train_x, train_y), test=_split(test_x, test_y),
-                 classes=read_class_names(root / names_file, expected=count, hint=HINT), root=root,
+    ds = Dataset(train=_split(train_x, train_y), test=_split(test_x, test_y), classes=classes, root=root,
                  name="cifar100", spec="cifar100" + (":coarse" if labels == "coarse" else ""),
                  identity={"format": "binary", "labels": labels, "sizes": archive.file_sizes,
                            "archive_md5": archive.archive_md5})

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .base import Dataset, Split, cache_dir, check_dataset, empty_split, sha256_of
+from .base import Dataset, Split, cache_dir, check_dataset, empty_split, sha256_of, user_path
 from .download import download_file
 
 FOLDER = "cifar10.1"
@@ -31,6 +31,7 @@ FILES = {  # name -> sha256 published with the issue that asked for this set
 DATA_FILE, LABELS_FILE = sorted(FILES)
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 MAX_IMAGES = 100_000
+MAX_NPY_BYTES = MAX_IMAGES * 3072 + 4096  # the images file at most; checked before a file is hashed or read
 HINT = (f"Delete the folder to let cifarlab download a fresh copy, or point --data-dir at a folder holding "
         f"{DATA_FILE} and {LABELS_FILE}.")
 
@@ -44,7 +45,7 @@ def load(arg: str, data_dir=None, download: bool = True, progress: bool = True, 
         raise DataError(f"CIFAR-10.1 images are 32x32; --image-size {image_size} applies to folder datasets only")
     root = _locate(data_dir, download, url, progress, files)
     for name, expected in files.items():
-        actual = sha256_of(root / name)
+        actual = sha256_of(root / name, max_bytes=MAX_NPY_BYTES)  # a FIFO or a sparse file: refused, not read
         if actual != expected:
             raise DataError(f"{root / name}: sha256 is {actual}, expected {expected} (damaged or not CIFAR-10.1 "
                             f"v6). {HINT}")
@@ -63,7 +64,7 @@ def load(arg: str, data_dir=None, download: bool = True, progress: bool = True, 
 
 def _read_npy(path: Path, dtype, shape_ok) -> np.ndarray:
     """An .npy file: regular, bounded in size, header checked before the data is read, no pickle."""
-    if not path.is_file() or path.stat().st_size > MAX_IMAGES * 3072 + 4096:
+    if not path.is_file() or path.stat().st_size > MAX_NPY_BYTES:
         raise DataError(f"{path}: missing, not a regular file, or too large for CIFAR-10.1. {HINT}")
     try:
         with open(path, "rb") as f:
@@ -91,14 +92,15 @@ def _locate(data_dir, download: bool, url: str | None, progress: bool, files) ->
     """``data_dir`` (must hold the files), ``$CIFARLAB_DATA`` (or its cifar10.1/ subfolder), the cache, else
     a download into the cache."""
     if data_dir:
-        path = Path(data_dir).expanduser()
+        path = user_path(data_dir, "--data-dir=")
         for candidate in (path, path / FOLDER):
             if _has_files(candidate, files):
                 return candidate
         raise DataError(f"--data-dir={path}: no {DATA_FILE} and {LABELS_FILE} there.")
     env = os.environ.get("CIFARLAB_DATA")
     if env:
-        for candidate in (Path(env), Path(env) / FOLDER, Path(env).parent / FOLDER):
+        env = user_path(env, "CIFARLAB_DATA=")
+        for candidate in (env, env / FOLDER, env.parent / FOLDER):
             if _has_files(candidate, files):
                 return candidate
     target = cache_dir() / FOLDER

@@ -27,13 +27,21 @@ dataset identity (stored with the run), so evaluate, predict and a resume prepar
 
 Hidden files and folders, and files that are not images by their extension
 (``.DS_Store``, ``Thumbs.db``, notes), are ignored; a file that fails to decode is listed with the
-reason and skipped (``strict=True`` refuses instead).
+reason and skipped (``strict=True`` refuses instead). So is a file that is not a regular file (a FIFO
+named ``x.jpg``: never opened in a way that waits) or is larger than an image may be (a 200 GiB sparse
+file: never read, not even to checksum it).
+
+Names are data: a class is named by its folder, and a folder or file name that is not UTF-8 is used
+as the OS gives it and shown (in class names, notes and the run's ``dataset.json``) in a printable form,
+undecodable bytes as ``\\xNN`` (:func:`cifarlab.data.base.printable`). The dataset's ``spec`` holds the
+resolved path, so a run's data is found again from any working folder.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import stat
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -42,7 +50,7 @@ import torch
 
 from ..errors import DataError, ImageError
 from ..fsutil import atomic_write_bytes
-from .base import Dataset, Split, cache_dir, check_dataset
+from .base import Dataset, Split, cache_dir, check_dataset, printable, user_path
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
                     ".pnm"}
@@ -71,26 +79,29 @@ def load_folder(path: str | Path, image_size: int | None = None, test_fraction: 
     the photos; ``fit=None``: :data:`cifarlab.images.DEFAULT_FIT`."""
     from ..images import DEFAULT_FIT, FITS
 
-    root = Path(path).expanduser()
+    root = user_path(path, "folder:")
     log = log or (lambda *a, **k: None)
     fit = DEFAULT_FIT if fit is None else fit
     if fit not in FITS:
         raise DataError(f"unknown fit {fit!r}: use one of {', '.join(FITS)}")
     if not root.is_dir():
-        raise DataError(f"folder:{root}: no such folder. Expected one subfolder per class (or train/ and test/).")
+        raise DataError(f"folder:{printable(str(root))}: no such folder. Expected one subfolder per class (or "
+                        f"train/ and test/); for a run whose photos moved, pass --dataset folder:NEW_PATH.")
+    root = root.resolve()  # stored with the run: the data is found again from another working folder
     if image_size is not None and not (isinstance(image_size, int) and 8 <= image_size <= MAX_IMAGE_SIZE):
         raise DataError(f"image size {image_size} is outside 8..{MAX_IMAGE_SIZE}")
     if not 0 < test_fraction < 1:
         raise DataError(f"test fraction {test_fraction} must be between 0 and 1")
     train_dir, test_dir = _layout(root)
-    classes = _class_folders(train_dir)
-    train_files = _list_files(train_dir, classes)
+    folders = _class_folders(train_dir)
+    classes = [printable(name) for name in folders]  # the folder names as the OS gives them, shown printably
+    train_files = _list_files(train_dir, folders)
     if test_dir is not None:
-        unknown = sorted(set(_class_folders(test_dir, allow_empty=True)) - set(classes))
+        unknown = sorted(set(_class_folders(test_dir, allow_empty=True)) - set(folders))
         if unknown:
-            raise DataError(f"{test_dir}: class folder(s) {unknown} are not in {train_dir}; both need the same "
-                            f"classes.")
-        test_files = _list_files(test_dir, classes, require_all=False)
+            raise DataError(f"{test_dir}: class folder(s) {[printable(n) for n in unknown]} are not in {train_dir}; "
+                            f"both need the same classes.")
+        test_files = _list_files(test_dir, folders, require_all=False)
         split = {"layout": f"{train_dir.name}/ and {test_dir.name}/"}
     else:
         train_files, test_files = stratified_split(train_files, test_fraction, split_seed)
@@ -108,7 +119,7 @@ def load_folder(path: str | Path, image_size: int | None = None, test_fraction: 
                                                   workers, log)
     skipped = decoded["skipped"]
     if skipped and strict:
-        raise DataError(f"folder:{root}: {len(skipped)} file(s) could not be read (--strict): "
+        raise DataError(f"folder:{printable(str(root))}: {len(skipped)} file(s) could not be read (--strict): "
                         + "; ".join(f"{p}: {why}" for p, why in skipped[:5]))
     ds = Dataset(train=decoded["train"], test=decoded["test"], classes=classes, root=root, name="folder",
                  spec=f"folder:{root}",
@@ -118,8 +129,8 @@ def load_folder(path: str | Path, image_size: int | None = None, test_fraction: 
                  files={"train": decoded["train_files"], "test": decoded["test_files"]})
     for c, name in enumerate(classes):
         if not (ds.train.labels == c).any():
-            raise DataError(f"folder:{root}: class {name!r} has no readable training image.")
-    return check_dataset(ds, f"folder:{root}")
+            raise DataError(f"folder:{printable(str(root))}: class {name!r} has no readable training image.")
+    return check_dataset(ds, f"folder:{printable(str(root))}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -143,8 +154,13 @@ def _class_folders(folder: Path, allow_empty: bool = False) -> list[str]:
     if not names and allow_empty:
         return names
     if len(names) < 2:
-        raise DataError(f"{folder}: found {len(names)} class folder(s) {names}; a classifier needs at least two "
-                        f"(one subfolder of images per class).")
+        raise DataError(f"{folder}: found {len(names)} class folder(s) {[printable(n) for n in names]}; a "
+                        f"classifier needs at least two (one subfolder of images per class).")
+    shown = [printable(n) for n in names]
+    if len(set(shown)) != len(shown):
+        twice = next(n for n in shown if shown.count(n) > 1)
+        raise DataError(f"{folder}: two class folders are both shown as {twice!r} (one of them is not UTF-8 or "
+                        f"holds control characters); rename one.")
     return names
 
 
@@ -160,7 +176,8 @@ def _list_files(folder: Path, classes: list[str], require_all: bool = True) -> l
                 found += [Path(dirpath, f) for f in filenames
                           if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
         if not found and require_all:
-            raise DataError(f"{class_dir}: class {name!r} has no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
+            raise DataError(f"{printable(str(class_dir))}: class {printable(name)!r} has no image files "
+                            f"({', '.join(sorted(IMAGE_EXTENSIONS))}).")
         out += [(str(p), label) for p in sorted(found)]
         if len(out) > MAX_FILES:
             raise DataError(f"{folder}: more than {MAX_FILES:,} images")
@@ -213,21 +230,33 @@ def _content_key(root: Path, train_files, test_files, image_size: int, fit: str 
     digest = hashlib.sha256(f"{CACHE_FORMAT}|{image_size}|{'' if fit == 'crop' else f'fit={fit}|'}".encode())
     for split, files in (("train", train_files), ("test", test_files)):
         for path, label in files:
-            digest.update(f"{split}|{label}|{os.path.relpath(path, root)}|".encode())
+            digest.update(f"{split}|{label}|".encode() + os.fsencode(os.path.relpath(path, root)) + b"|")
             digest.update(_file_sha256(path).encode())
     return digest.hexdigest()
 
 
 def _file_sha256(path: str) -> str:
+    """The file's sha256, or what stands for it when the file is not read: a FIFO or device (opened without
+    blocking, never read) or a file larger than an image may be (a sparse 200 GiB file is not hashed);
+    decoding then skips it with the reason."""
+    from ..images import MAX_FILE_BYTES
+
     digest = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            if not os.path.isfile(path):  # a FIFO must not block the listing
-                return "not-a-file"
-            while block := f.read(1 << 20):
-                digest.update(block)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
         return f"unreadable:{e.errno}"
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return "not-a-file"
+        if st.st_size > MAX_FILE_BYTES:
+            return f"too-large:{st.st_size}"
+        try:
+            while block := f.read(1 << 20):
+                digest.update(block)
+        except OSError as e:
+            return f"unreadable:{e.errno}"
     return digest.hexdigest()
 
 
@@ -262,13 +291,13 @@ def _cached(key: str) -> dict | None:
 
 
 def _decode_one(job: tuple[str, int, str]) -> tuple[np.ndarray | None, str]:
-    from ..images import load_image
+    from ..images import load_image, shown
 
     path, size, fit = job
     try:
         return load_image(path, size, fit=fit).numpy(), ""
     except ImageError as e:
-        return None, str(e).removeprefix(f"{path}: ")
+        return None, str(e).removeprefix(f"{shown(path)}: ")
 
 
 def _decode_all(paths: list[str], size: int, workers: int | None, fit: str = "crop") \
@@ -294,17 +323,18 @@ def _decode_and_cache(root: Path, train_files, test_files, size: int, fit: str, 
     for split, files, offset in (("train", train_files, 0), ("test", test_files, len(train_files))):
         images, labels, kept = [], [], []
         for (path, label), (array, why) in zip(files, results[offset:offset + len(files)]):
+            name = printable(os.path.relpath(path, root))  # for notes and dataset.json: one printable line
             if array is None:
-                skipped.append((os.path.relpath(path, root), why))
+                skipped.append((name, why))
                 continue
             images.append(array)
             labels.append(label)
-            kept.append(os.path.relpath(path, root))
+            kept.append(name)
         x = torch.from_numpy(np.stack(images)) if images else torch.empty(0, 3, size, size, dtype=torch.uint8)
         out[split] = Split(x, torch.tensor(labels, dtype=torch.int64))
         out[f"{split}_files"] = kept
     out["skipped"] = skipped
-    log(f"decoded {len(everything):,} images from {root} ({size}x{size}, fit {fit}) in "
+    log(f"decoded {len(everything):,} images from {printable(str(root))} ({size}x{size}, fit {fit}) in "
         f"{time.perf_counter() - start:.1f} s "
         f"({len(skipped)} skipped); cached for the next run")
     _write_cache(key, out)

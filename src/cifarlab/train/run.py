@@ -18,6 +18,7 @@ from .. import checkpoints as ckpts
 from .. import memory, rundir
 from ..budget import Plan
 from ..data import Dataset, holdout_split
+from ..data.base import check_class_names
 from ..devices import resolve_device
 from ..errors import TrainingError
 from ..finetune import InitReport, init_model
@@ -63,6 +64,7 @@ def train(recipe: Recipe, data: Dataset, run_dir: str | Path, options: RunOption
     if data.eval_only:
         raise TrainingError(f"{data.spec or data.name} is an evaluation-only dataset (no training images); train on "
                             f"another dataset and evaluate on this one (cifarlab evaluate RUN --on {data.spec}).")
+    check_class_names(data.classes, data.spec or data.name)  # before training: the checkpoints must read back
     device = resolve_device(options.device)  # one-line error for a device this machine does not have
     memory.check_fits(get_declaration(recipe.model, data.num_classes, data.image_shape), recipe.batch_size,
                       device)  # before allocating anything
