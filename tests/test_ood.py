@@ -149,16 +149,26 @@ def test_threshold_is_fitted_on_held_out_images_outside_the_bank(run, data, dete
     stored = json.loads((run / "ood" / ood.THRESHOLD_FILE).read_text())
     assert stored["fitted_on"] == VAL_SPLIT and "not in the bank" in stored["fitted_on_what"]
     assert stored["threshold"] == detector.threshold and stored["k"] == 50 and stored["tpr"] == 0.95
-    held_scores = detector.score(held.images)["knn"]
-    assert detector.threshold == pytest.approx(ood.fit_threshold(held_scores), abs=1e-5)
-    assert (held_scores >= detector.threshold).mean() >= 0.95
+    held = detector.score(held.images)
+    assert detector.threshold == pytest.approx(ood.fit_threshold(held["layers"]), abs=1e-5)
+    assert (held["layers"] >= detector.threshold).mean() >= 0.95
+    assert stored["knn_threshold"] == pytest.approx(ood.fit_threshold(held["knn"]), abs=1e-5)
+    # the standardization is each layer's held-out KNN scores' mean and sd (held-out: not in the layer banks)
+    assert set(bank.layer_indices.tolist()) <= bank_idx and list(stored["standardize"]) == [
+        *ood.feature_layers(detector.model), "penultimate"]
+    assert stored["standardize"]["penultimate"][0] == pytest.approx(float(held["knn"].mean()), abs=1e-5)
     # Fitted on the bank's own images instead, each one's nearest neighbour is itself: a higher threshold
     own = ood.knn_scores(bank.features[:VAL_SPLIT], detector.bank, detector.k)
-    assert ood.fit_threshold(own) > detector.threshold
+    assert ood.fit_threshold(own) > stored["knn_threshold"]
+    name = ood.feature_layers(detector.model)[0]
+    assert not set(bank.layer_indices.tolist()) & held_idx  # the layer banks hold none of the threshold's images
+    own_layer = ood.knn_scores(bank.layers[name][:VAL_SPLIT], detector.layer_banks[name], 1)
+    held_layer = ood.knn_scores(bank.holdout_layers[name], detector.layer_banks[name], 1)
+    assert own_layer.max() == pytest.approx(0.0, abs=1e-3) and held_layer.max() < -1e-3  # a bank row finds itself
     # ... and with k = 1 every bank image scores 0 (the best), while the held-out ones do not
     one = ood.prepare(run, data, k=1, log=_quiet)
     assert ood.fit_threshold(ood.knn_scores(bank.features, one.bank, 1)) == pytest.approx(0.0, abs=1e-3)
-    assert one.threshold < -0.01
+    assert one.threshold_info["knn_threshold"] < -0.01 and one.layer_k == 1
     ood.prepare(run, data, log=_quiet)  # back to k = 50 for the other tests
 
 
@@ -252,7 +262,7 @@ def test_a_damaged_bank_is_rebuilt_with_a_note(run_copy, data, detector, how):
 
 def test_a_damaged_threshold_file_is_refitted(run_copy, data, detector):
     path = run_copy / "ood" / ood.THRESHOLD_FILE
-    path.write_text(json.dumps(dict(json.loads(path.read_text()), threshold=float("1e9"))))
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), threshold=float("1e12"))))
     log = _Log()
     det = ood.prepare(run_copy, data, log=log)
     assert any("threshold not used" in line and "'threshold'" in line for line in log), log
@@ -277,9 +287,9 @@ def test_knn_separates_cifar_test_images_from_gaussian_noise(detector, cifar, tm
     results, files = ood.evaluate_ood(detector, cifar.test.images[:1000], sets, tmp_path, resamples=100,
                                       log=_quiet)
     m = results["sets"][0]["metrics"]
-    assert m["knn"]["auroc"] >= 0.99, m
-    assert m["knn"]["auroc"] >= max(m["msp"]["auroc"], m["energy"]["auroc"]) + 0.25 and m["msp"]["auroc"] < 0.5, m
-    assert m["knn"]["auroc_ci95"][0] <= m["knn"]["auroc"] <= m["knn"]["auroc_ci95"][1]
+    assert m["layers"]["auroc"] >= 0.99 and m["knn"]["auroc"] >= 0.9, m
+    assert m["layers"]["auroc"] >= max(m["msp"]["auroc"], m["energy"]["auroc"]) + 0.25 and m["msp"]["auroc"] < 0.5, m
+    assert m["layers"]["auroc_ci95"][0] <= m["layers"]["auroc"] <= m["layers"]["auroc_ci95"][1]
     assert results["sets"][0]["flagged_at_threshold"] > 0.9
     assert os.path.getsize(files["ood_histograms"]) > 1000
 
@@ -304,10 +314,10 @@ def test_predict_json_carries_the_ood_entry(run, detector, cifar, data_dir, tmp_
     results = json.loads(captured.out)["results"]
     assert "error" in results[4] and "ood" not in results[4]
     expected = detector.score(torch.stack([cifar.test.images[0], cifar.test.images[1], cifar.test.images[2],
-                                           ood.gaussian_noise(1, (3, 32, 32), seed=5)[0]]))["knn"]
+                                           ood.gaussian_noise(1, (3, 32, 32), seed=5)[0]]))["layers"]
     for r, score in zip(results[:4], expected):
-        assert set(r["ood"]) == {"score", "threshold", "flag", "method", "k"}
-        assert r["ood"]["method"] == "knn" and r["ood"]["k"] == 50
+        assert set(r["ood"]) == {"score", "threshold", "flag", "method", "k", "layer_k"}
+        assert r["ood"]["method"] == "layers" and r["ood"]["k"] == 50 and r["ood"]["layer_k"] == detector.layer_k
         assert r["ood"]["threshold"] == detector.threshold
         assert r["ood"]["score"] == pytest.approx(float(score), abs=1e-5)
         assert r["ood"]["flag"] == (r["ood"]["score"] < r["ood"]["threshold"])
@@ -362,7 +372,7 @@ def test_evaluate_ood_writes_auroc_fpr_and_histograms(run, detector, data, tmp_p
     assert names == ["noise", "permuted", f"folder:{photos}"]
     assert [s["images"] for s in stored["sets"]] == [300, 300, 32]
     for s in stored["sets"]:
-        assert set(s["metrics"]) == {"knn", "msp", "energy"}
+        assert set(s["metrics"]) == {"layers", "knn", "msp", "energy"}
         for m in s["metrics"].values():
             assert 0 <= m["auroc"] <= 1 and 0 <= m["fpr_at_95_tpr"] <= 1
             lo, hi = m["auroc_ci95"]  # all three sets are small: bootstrap intervals
@@ -371,6 +381,9 @@ def test_evaluate_ood_writes_auroc_fpr_and_histograms(run, detector, data, tmp_p
     id_scores = detector.score(few.test.images)
     noise = detector.score(ood.gaussian_noise(300, (3, 32, 32), seed=0))
     assert stored["sets"][0]["metrics"]["knn"]["auroc"] == pytest.approx(ood.auroc(id_scores["knn"], noise["knn"]))
+    assert stored["sets"][0]["metrics"]["layers"]["auroc"] == pytest.approx(
+        ood.auroc(id_scores["layers"], noise["layers"]))
+    assert stored["sets"][0]["flagged_at_threshold"] == pytest.approx(float((noise["layers"] < detector.threshold).mean()))
     assert stored["sets"][0]["metrics"]["energy"]["fpr_at_95_tpr"] == pytest.approx(
         ood.fpr_at_tpr(id_scores["energy"], noise["energy"]))
     assert main(["evaluate", str(run), "--out", str(out), "--ood", "nonsense"]) == 2

@@ -170,10 +170,10 @@ def test_predict_files_takes_a_detector_only_when_an_image_was_read(ckpt, cifar,
     class Detector:
         def score(self, images):
             calls.append(len(images))
-            return {"knn": np.full(len(images), -0.7)}
+            return {"layers": np.full(len(images), -0.7)}
 
         def entry(self, score):
-            return {"score": score, "threshold": -0.5, "flag": score < -0.5, "method": "knn", "k": 50}
+            return {"score": score, "threshold": -0.5, "flag": score < -0.5, "method": "layers", "k": 50}
 
     assert predict_files(ckpt, [tmp_path / "missing.png"], ood=lambda: calls.append("made") or Detector()) \
         == [{"image": str(tmp_path / "missing.png"), "error": f"{tmp_path / 'missing.png'}: no such file."}]

@@ -25,7 +25,7 @@ from .checkpoints import Checkpoint, load_checkpoint
 from .errors import ImageError
 from .evaluate import checkpoint_tta, predict_logits
 from .images import fit_of, load_image
-from .ood import FLAG_TEXT
+from .ood import FLAG_SCORE, FLAG_TEXT
 from .temperature import checkpoint_temperature
 from .temperature import probabilities as temperature_probabilities
 from .transforms import Normalization
@@ -64,8 +64,8 @@ def predict_files(ckpt: Checkpoint, paths, top_k: int = 3, tta: int | None = Non
         entries[i]["predictions"] = p
     detector = ood() if callable(ood) else ood
     if detector is not None:
-        for i, knn in zip(good, detector.score(images)["knn"]):
-            entries[i]["ood"] = detector.entry(float(knn))
+        for i, score in zip(good, detector.score(images)[FLAG_SCORE]):
+            entries[i]["ood"] = detector.entry(float(score))
     if explain_dir is not None:
         _explain(ckpt, entries, good, images, predictions, detector, explain_dir, methods, neighbours)
     return entries

@@ -506,8 +506,8 @@ def check_ood_bank_meta(info, source, error=ValidationError) -> dict:
     c = _Checker(source, error)
     if not isinstance(info, dict):
         raise error(f"{source}: the feature bank's metadata must be a JSON object, not {_type(info)}.")
-    if info.get("format") != "cifarlab-ood-bank-1":
-        c.fail("format", f"is {short_repr(info.get('format'), 40)}, not 'cifarlab-ood-bank-1'")
+    if info.get("format") != "cifarlab-ood-bank-2":
+        c.fail("format", f"is {short_repr(info.get('format'), 40)}, not 'cifarlab-ood-bank-2'")
     _sha(c, "weights_sha256", info.get("weights_sha256"), required=False)
     _sha(c, "train_sha256", info.get("train_sha256"))
     _sha(c, "tensors_sha256", info.get("tensors_sha256"))
@@ -522,6 +522,17 @@ def check_ood_bank_meta(info, source, error=ValidationError) -> dict:
     holdout = c.dict("holdout", info.get("holdout"))
     c.int("holdout.count", holdout.get("count"), 1, 1 << 40)
     c.str("holdout.what", holdout.get("what"), 1000)
+    c.int("layer_count", info.get("layer_count"), 1, 1 << 40)
+    layers = info.get("layers")
+    if not isinstance(layers, list) or len(layers) > 1000:
+        c.fail("layers", "must be a list of at most 1,000 {name, dim} entries")
+    for i, entry in enumerate(layers):
+        if not isinstance(entry, dict) or set(entry) != {"name", "dim"}:
+            c.fail(f"layers[{i}]", "must be an object with exactly 'name' and 'dim'")
+        c.str(f"layers[{i}].name", entry["name"], 400, non_empty=True)
+        c.int(f"layers[{i}].dim", entry["dim"], 1, 1 << 20)
+    if len({entry["name"] for entry in layers}) != len(layers):
+        c.fail("layers", "names a layer twice")
     return info
 
 
@@ -530,12 +541,22 @@ def check_ood_threshold(entry, source, error=ValidationError) -> dict:
     c = _Checker(source, error)
     if not isinstance(entry, dict):
         raise error(f"{source}: the OOD threshold must be a JSON object, not {_type(entry)}.")
-    if entry.get("format") != "cifarlab-ood-threshold-1":
-        c.fail("format", f"is {short_repr(entry.get('format'), 40)}, not 'cifarlab-ood-threshold-1'")
-    if entry.get("score") != "knn":
-        c.fail("score", "must be 'knn'")
+    if entry.get("format") != "cifarlab-ood-threshold-2":
+        c.fail("format", f"is {short_repr(entry.get('format'), 40)}, not 'cifarlab-ood-threshold-2'")
+    if entry.get("score") != "layers":
+        c.fail("score", "must be 'layers'")
     c.int("k", entry.get("k"), 1, 10_000)
-    c.number("threshold", entry.get("threshold"), -2.0, 0.0)
+    c.int("layer_k", entry.get("layer_k"), 1, 10_000)
+    c.number("threshold", entry.get("threshold"), -1e9, 1e9)   # a min of z-scores
+    c.number("knn_threshold", entry.get("knn_threshold"), -2.0, 0.0)
+    standardize = c.dict("standardize", entry.get("standardize"))
+    if not 1 <= len(standardize) <= 1001:
+        c.fail("standardize", "must hold 1 to 1,001 layers")
+    for name, pair in standardize.items():
+        if not isinstance(pair, list) or len(pair) != 2:
+            c.fail(f"standardize.{short_repr(name, 60)}", "must be [mean, sd]")
+        c.number(f"standardize.{short_repr(name, 60)}[0]", pair[0], -2.0, 0.0)
+        c.number(f"standardize.{short_repr(name, 60)}[1]", pair[1], 1e-9, 2.0)
     c.number("tpr", entry.get("tpr"), 0.0, 1.0, lo_open=True)
     c.number("accepted", entry.get("accepted"), 0.0, 1.0)
     c.int("fitted_on", entry.get("fitted_on"), 1, 1 << 40)

@@ -60,7 +60,7 @@ class PhotoExplanation:
         if self.ood is None:
             return "no out-of-distribution check (no feature bank)"
         word = "UNLIKE ANY CLASS I KNOW" if self.ood["flag"] else "like the training images"
-        return f"{word} (KNN score {self.ood['score']:.3f}, threshold {self.ood['threshold']:.3f})"
+        return f"{word} (score {self.ood['score']:.2f}, threshold {self.ood['threshold']:.2f})"
 
     def to_dict(self) -> dict:
         return {"image": self.name, "predictions": self.predictions, "ood": self.ood,
@@ -74,7 +74,7 @@ def explain_photos(ckpt, images: torch.Tensor, names: list[str], predictions: li
     """Explanations of uint8 ``images`` (N, C, S, S) already read the run's way; ``predictions``: each
     image's calibrated top-k (``predict.predict_images``); ``detector``: the run's
     :class:`~cifarlab.ood.OODDetector` (None: no verdict and no neighbours, said in ``notes``)."""
-    from ..ood import features_and_logits
+    from ..ood import FLAG_SCORE, network_features
     from ..transforms import Normalization
 
     classes = list(ckpt.meta["classes"])
@@ -93,10 +93,10 @@ def explain_photos(ckpt, images: torch.Tensor, names: list[str], predictions: li
         for e in out:
             e.notes.append("nearest training images unavailable: the run's feature bank was not loaded")
         return out
-    features, logits = features_and_logits(model, images, normalization)
+    features, pooled, logits = network_features(model, images, normalization, list(detector.layer_banks))
     sims, indices = detector.nearest(features, neighbours)
-    knn = detector.scores_of(features, logits)["knn"]
-    for e, s_row, i_row, score in zip(out, sims.tolist(), indices.tolist(), knn):
+    flag_scores = detector.scores_of(features, logits, pooled)[FLAG_SCORE]
+    for e, s_row, i_row, score in zip(out, sims.tolist(), indices.tolist(), flag_scores):
         labels = detector.train.labels[i_row].tolist()
         e.neighbours = [{"index": int(i), "class": classes[int(c)], "similarity": float(s)}
                         for i, c, s in zip(i_row, labels, s_row)]
