@@ -768,7 +768,8 @@ def evaluate_ood(detector: OODDetector, test_images: torch.Tensor, sets, out_dir
             entry["metrics"][score] = m
         results["sets"].append(entry)
         all_scores.append((name, ood))
-        log(f"OOD {name}: " + ", ".join(f"{SCORE_NAMES[s]} AUROC {entry['metrics'][s]['auroc']:.4f}" for s in SCORES))
+        log(f"OOD {name}: " + ", ".join(f"{SCORE_NAMES[s]} AUROC {entry['metrics'][s]['auroc']:.4f}" for s in SCORES)
+            + f"; {100 * entry['flagged_at_threshold']:.1f}% flagged")
     files = {"ood": out_dir / RESULTS_FILE,
              "ood_histograms": score_histograms(all_scores, detector.threshold, out_dir / HISTOGRAM_FILE)}
     results["histograms"] = HISTOGRAM_FILE
