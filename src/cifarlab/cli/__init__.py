@@ -9,11 +9,11 @@ import argparse
 import sys
 
 from ..errors import CifarlabError
-from . import (augment_preview, calibrate, compare, evaluate, export, import_keras, info, lr_find, predict, report,
-               train, visualize)
+from . import (augment_preview, calibrate, compare, evaluate, explore, export, import_keras, info, lr_find, predict,
+               report, train, visualize)
 from .args import EXIT_ERROR, EXIT_INTERRUPTED
 
-COMMANDS = [train, evaluate, calibrate, visualize, report, predict, export, import_keras, info, lr_find,
+COMMANDS = [train, evaluate, calibrate, visualize, report, predict, explore, export, import_keras, info, lr_find,
             augment_preview, compare]
 
 
