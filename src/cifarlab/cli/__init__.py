@@ -10,11 +10,11 @@ import sys
 
 from ..errors import CifarlabError
 from . import (augment_preview, calibrate, compare, evaluate, explore, export, import_keras, info, lr_find, predict,
-               report, train, visualize)
+               report, sweep, train, visualize)
 from .args import EXIT_ERROR, EXIT_INTERRUPTED
 
 COMMANDS = [train, evaluate, calibrate, visualize, report, predict, explore, export, import_keras, info, lr_find,
-            augment_preview, compare]
+            augment_preview, compare, sweep]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -182,6 +182,8 @@ def add_run_args(g) -> None:
 
     for f in fields(RunOptions):
         meta = f.metadata
+        if not meta["cli"]:
+            continue
         help_text = argparse.SUPPRESS if meta["hidden"] else meta["help"] or None
         if meta["negative"]:  # on by default: only the --no-... flag exists
             g.add_argument(meta["negative"], action="store_true", help=help_text)
@@ -205,6 +207,8 @@ def run_options_from_args(args):
 
     values = {}
     for f in fields(RunOptions):
+        if not f.metadata["cli"]:
+            continue
         negative = f.metadata["negative"]
         values[f.name] = not getattr(args, negative[2:].replace("-", "_")) if negative else getattr(args, f.name)
     return RunOptions(**values).validate()

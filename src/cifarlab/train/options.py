@@ -15,12 +15,14 @@ _UNSET = object()
 
 
 def run_option(default, help: str = "", bounds: tuple | None = None, choices: tuple | None = None,
-               cli_default=_UNSET, resume: bool = True, hidden: bool = False, negative: str = ""):
+               cli_default=_UNSET, resume: bool = True, hidden: bool = False, negative: str = "",
+               cli: bool = True):
     """``resume``: repeat it in the resume command when it differs from the CLI default; ``negative``: the
-    option is given as this ``--no-...`` flag (a boolean that is on by default)."""
+    option is given as this ``--no-...`` flag (a boolean that is on by default); ``cli=False``: an object
+    only the library passes (no command-line option)."""
     return field(default=default, metadata={"help": help, "bounds": bounds, "choices": choices, "resume": resume,
                                             "cli_default": default if cli_default is _UNSET else cli_default,
-                                            "hidden": hidden, "negative": negative})
+                                            "hidden": hidden, "negative": negative, "cli": cli})
 
 
 @dataclass
@@ -50,6 +52,9 @@ class RunOptions:
                                        bounds=(1, 10 ** 9), resume=False, hidden=True)
     channels_last: bool | None = run_option(None, "channels-last memory format (default: on a CPU)", resume=False,
                                             hidden=True)
+    trial: object = run_option(None, "a hyperparameter-search trial (Optuna's report/should_prune) that each "
+                               "epoch's validation accuracy is reported to and that may stop the run "
+                               "(cifarlab.sweep)", resume=False, cli=False)
 
     def validate(self) -> "RunOptions":
         for f in fields(self):

@@ -23,6 +23,7 @@ from .freeze import FreezeBody
 from .lookahead import Lookahead
 from .metrics_csv import MetricsCSV
 from .mix import MixBatches
+from .pruning import ReportToTrial
 from .stopping import MaxSteps, StopOnSignal
 from .tensorboard import TensorBoard
 from .whiten_bias import WhitenBiasEpochs, whitening_biases
@@ -63,6 +64,8 @@ CALLBACKS: dict[str, Callable[[Context], Callback | None]] = {
     # Temperature scaling on the held-out training images, never the test set.
     "temperature": lambda c: FitTemperature(c.log) if c.recipe.val_split else None,
     "diagnosis": lambda c: Diagnose(c.t.val_source, c.mixed, c.log) if c.options.diagnose else None,
+    # A hyperparameter search's trial: each epoch's validation accuracy reported; it may prune the run.
+    "trial": lambda c: ReportToTrial(c.options.trial, c.run_dir, c.log) if c.options.trial is not None else None,
     "checkpoints": lambda c: Checkpointer(c.run_dir, c.base_meta, c.options.checkpoint_every,
                                           c.options.keep_checkpoints),
 }
