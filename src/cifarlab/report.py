@@ -545,8 +545,9 @@ def _examples_of(out: VisualOutputs, layer: str, n_test: int) -> dict[int, tuple
 
 
 def stimuli_pages(stimuli, out: VisualOutputs, test_images, class_names: list[str]) -> tuple[list[dict], list[dict]]:
-    """(one entry per layer: its tiles, each linking to its channel's page; the pages): the stimulus
-    enlarged, its objective, and the test images that drive the channel most beside it."""
+    """(one entry per layer: its tiles, each linking to its channel's page, and two sprites: the stimuli,
+    and each channel's top test images in a row; the pages): the stimulus enlarged, its objective, and the
+    test images that drive the channel most beside it."""
     layers, pages = [], []
     for li, s in enumerate(stimuli):
         is_classes = s.target.kind == "class"
@@ -556,7 +557,9 @@ def stimuli_pages(stimuli, out: VisualOutputs, test_images, class_names: list[st
             name = class_names[c] if is_classes and c < len(class_names) else f"channel #{c}"
             tiles.append({"id": f"ch-{li}-{c}", "k": j, "label": name})
         ids = [t["id"] for t in tiles]
-        layers.append({"name": s.target.name, "index": li, "tiles": tiles, "sprite": _sprite(s.images, 16, "PNG")})
+        per_row = max((len(idx) for idx, _, _ in examples.values()), default=0)
+        layers.append({"name": s.target.name, "index": li, "tiles": tiles, "sprite": _sprite(s.images, 16, "PNG"),
+                       "examples_sprite": _examples_sprite(s.channels, examples, per_row, test_images)})
         for j, (c, tile) in enumerate(zip(s.channels, tiles)):
             idx, values, ratio = examples.get(c, ([], [], None))
             pages.append({
@@ -564,9 +567,19 @@ def stimuli_pages(stimuli, out: VisualOutputs, test_images, class_names: list[st
                 "objective": float(s.objective[j]), "ratio": ratio,
                 "objective_is": "the class logit" if is_classes else "the channel's mean activation",
                 "prev": ids[j - 1] if j else None, "next": ids[j + 1] if j + 1 < len(ids) else None,
-                "examples": [{"index": i, "value": v, "k": m} for m, (i, v) in enumerate(zip(idx, values))],
-                "examples_sprite": _sprite(test_images[idx], 9) if idx else None})
+                "examples": [{"index": i, "value": v, "k": j * per_row + m} for m, (i, v) in enumerate(zip(idx, values))]})
     return layers, pages
+
+
+def _examples_sprite(channels, examples: dict, per_row: int, test_images) -> dict | None:
+    """One sprite per layer, row j = channel j's top test images (black where a channel has fewer)."""
+    if not per_row:
+        return None
+    rows = [examples.get(c, ([],))[0] for c in channels]
+    slots = [i for idx in rows for i in idx + [-1] * (per_row - len(idx))]
+    images = test_images[[max(i, 0) for i in slots]]  # a copy: indexing with a list
+    images[[k for k, i in enumerate(slots) if i < 0]] = 0
+    return _sprite(images, per_row)
 
 
 CLASS_INTRO = (
@@ -738,6 +751,7 @@ def page(inputs: ReportInputs) -> str:
     return templates.render("report.html", title=f"cifarlab report: {inputs.run_dir.resolve().name}",
                             subtitle=subtitle, sections=sections, pages=inputs.pages,
                             layer_sprites=[layer["sprite"] for layer in inputs.layers],
+                            example_sprites=[layer["examples_sprite"] for layer in inputs.layers],
                             script=script, script_hash=script_hash)
 
 
