@@ -64,7 +64,9 @@ class InitReport:
 
 def read_source(spec: str | Path) -> tuple[dict[str, torch.Tensor], InitReport]:
     """The source's tensors (torchvision names mapped) and a report with its kind and normalization."""
-    path = Path(spec).expanduser()
+    from .data.base import user_path
+
+    path = user_path(spec, "--init-from ")
     if path.suffix in (".pt", ".pth", ".ckpt", ".bin") or path.is_file() and path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: --init-from reads safetensors only (pickle files can run code when "
                               f"loaded); convert it: safetensors.torch.save_file(state_dict, 'weights.safetensors').")

@@ -699,6 +699,7 @@ def load_ood_set(spec: str, ckpt, data, seed: int = 0, download: bool = False,
     folder's path: its photos, train and test, fitted like the run's data) or another dataset's name
     (its test images)."""
     from .data import load_dataset, parse_spec, stored_options
+    from .data.base import user_path
 
     n = min(len(data.test), MAX_GENERATED)
     shape = tuple(data.test.images.shape[1:])
@@ -708,7 +709,7 @@ def load_ood_set(spec: str, ckpt, data, seed: int = 0, download: bool = False,
     if spec == "permuted":
         return "permuted", f"the first {n} test images with their pixels shuffled by one permutation (seed {seed})", \
             permuted_pixels(data.test.images[:n], seed)
-    if ":" not in spec and Path(spec).expanduser().is_dir():
+    if ":" not in spec and user_path(spec, "--ood ").is_dir():
         spec = f"folder:{spec}"
     try:
         name, _ = parse_spec(spec)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from . import plots
-from .checkpoints import Checkpoint
+from .checkpoints import Checkpoint, check_input_shape
 from .devices import resolve_device
 from .data import Dataset
 from .errors import CheckpointError
@@ -28,6 +28,7 @@ def check_compatible(ckpt: Checkpoint, data: Dataset, model_name: str | None = N
     name = ckpt.meta.get("architecture", {}).get("name")
     if model_name and name != model_name:
         raise CheckpointError(f"{ckpt.path}: holds architecture {name!r}, not the {model_name!r} asked for.")
+    check_input_shape(ckpt, data.image_shape)
 
 
 def evaluate_to_folder(ckpt: Checkpoint, data: Dataset, out_dir: str | Path, seed: int = 0,

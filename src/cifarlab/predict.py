@@ -24,7 +24,7 @@ import torch
 from .checkpoints import Checkpoint, load_checkpoint
 from .errors import ImageError
 from .evaluate import checkpoint_tta, predict_logits
-from .images import fit_of, load_image
+from .images import fit_of, load_image, shown
 from .ood import FLAG_SCORE, FLAG_TEXT
 from .temperature import checkpoint_temperature
 from .temperature import probabilities as temperature_probabilities
@@ -79,13 +79,13 @@ def read_files(ckpt: Checkpoint, paths, fit: str | None = None) -> tuple[list[di
     size = input_shape(ckpt.meta["architecture"])[-1]
     fit = fit or fit_of(ckpt.meta.get("dataset"))
     entries, good, tensors = [], [], []
-    for path in paths:
+    for path in paths:  # names shown printably: a file name that is not UTF-8 must not break the output
         try:
             tensors.append(load_image(path, size, fit=fit))
             good.append(len(entries))
-            entries.append({"image": str(path)})
+            entries.append({"image": shown(path)})
         except ImageError as e:
-            entries.append({"image": str(path), "error": str(e)})
+            entries.append({"image": shown(path), "error": str(e)})
     return entries, good, (torch.stack(tensors) if tensors else None)
 
 

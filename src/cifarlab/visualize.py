@@ -684,7 +684,9 @@ def _image_plots(model, normalization, data, images, out_dir: Path, cam_layer: s
 
 
 def _check_indices(images, n: int) -> list[int]:
-    indices = [int(i) for i in (DEFAULT_IMAGES if images is None else images)]
+    if images is None:  # the default images that exist (a tiny test set has fewer than 8)
+        images = [i for i in DEFAULT_IMAGES if i < n]
+    indices = [int(i) for i in images]
     bad = [i for i in indices if not 0 <= i < n]
     if bad or not indices:
         raise VisualizationError(f"image indices must be 0..{n - 1} (test set), got {bad or indices}")
