@@ -124,7 +124,7 @@ def _upload(url: str, filename: str, body: bytes) -> tuple[int, dict]:
 def _pixels(uri: str) -> torch.Tensor:
     assert uri.startswith("data:image/png;base64,")
     image = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
-    return torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1)
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
 
 
 def _expected_layers(explorer, image) -> dict[str, torch.Tensor]:
