@@ -29,7 +29,7 @@ from cifarlab import ood
 from cifarlab.cli import main
 from cifarlab.explain.examples import activations
 from cifarlab.explain.photo import explain_photos
-from cifarlab.explore import Explorer, create_app
+from cifarlab.explore import ExploreError, Explorer, create_app
 from cifarlab.explore.app import render_page
 from cifarlab.explore.server import check_host, is_loopback, running
 from cifarlab.images import load_image
@@ -314,6 +314,26 @@ def test_a_hostile_name_in_the_run_is_text_in_the_page(explorer):
     html = render_page(other, UPLOAD_LIMIT)
     assert "<script>alert(1)" not in html and "<img src=x" not in html
     assert "&lt;img src=x onerror=alert(1)&gt;" in html and "\\u003c/script\\u003e" in html
+
+
+def test_without_the_runs_data_it_still_explains_and_says_what_is_missing(run, photos, tmp_path, monkeypatch):
+    monkeypatch.delenv("CIFARLAB_DATA", raising=False)
+    lonely = Explorer.open(run, data_dir=tmp_path, log=_quiet)  # an empty folder: no CIFAR-10 there
+    try:
+        assert lonely.data is None and lonely.detector is None
+        assert "the run's data is unavailable" in lonely.notes[0] and str(tmp_path) in lonely.notes[0]
+        answer = lonely.explain_file(photos["ant"], photos["ant"].name)
+        image = load_image(photos["ant"], 32)
+        assert answer["predictions"][0]["class"] == predict_images(lonely.ckpt, image[None], 1)[0][0]["class"]
+        assert answer["neighbours"] == [] and answer["ood"] is None and answer["verdict"].startswith("no out-of")
+        assert [m["method"] for m in answer["maps"]] == ["integrated_gradients", "grad_cam"]
+        assert lonely.channel("leaky_re_lu_1", 0)["examples"] == []
+        with pytest.raises(ExploreError, match="no test images"):
+            lonely.explain_test(0)
+        html = render_page(lonely, UPLOAD_LIMIT)
+        assert 'id="test-form"' not in html and "the run&#39;s data is unavailable" in html
+    finally:
+        lonely.close()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -116,10 +116,15 @@ class Explorer:
             if not isinstance(entry, dict):
                 raise ExploreError("the checkpoint does not record which data it was trained on")
             data = load_stored(entry, data_dir=data_dir, log=log)
-            train = ood.training_images(ckpt, data)
         except (CifarlabError, OSError) as e:
             notes.append(f"the run's data is unavailable ({e}): no test images, dataset examples or nearest "
                          f"training images")
+        if data is not None:
+            try:
+                train = ood.training_images(ckpt, data)
+            except CifarlabError as e:
+                notes.append(f"the run's training images cannot be rebuilt ({e}): no dataset examples or nearest "
+                             f"training images")
         if train is not None and settings.ood:
             try:
                 if run_dir is None:
