@@ -476,6 +476,7 @@ class OODDetector:
     layer_banks: dict = field(default_factory=dict)   # layer -> (L, C) normalised pooled training features
     layer_k: int = 1
     standardize: dict = field(default_factory=dict)   # layer (and "penultimate") -> [held-out mean, sd]
+    train_mean_colour: torch.Tensor | None = None     # (1, C, 1, 1), 0..255: Integrated Gradients' baseline
 
     def score(self, images: torch.Tensor) -> dict[str, np.ndarray]:
         feats, pooled, logits = network_features(self.model, images, self.normalization, list(self.layer_banks),

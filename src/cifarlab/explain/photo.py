@@ -81,7 +81,7 @@ def explain_photos(ckpt, images: torch.Tensor, names: list[str], predictions: li
     normalization = Normalization.from_dict(ckpt.meta["normalization"])
     model = ckpt.model
     targets = torch.tensor([classes.index(p[0]["class"]) for p in predictions], dtype=torch.long)
-    reference = _baseline_reference(detector, normalization)
+    reference = baseline_reference(detector, normalization)
     maps, layer = {}, None
     for method in methods:
         a = attribute(method, model, images, normalization, target=targets, reference=reference)
@@ -106,11 +106,15 @@ def explain_photos(ckpt, images: torch.Tensor, names: list[str], predictions: li
     return out
 
 
-def _baseline_reference(detector, normalization) -> torch.Tensor:
+def baseline_reference(detector, normalization) -> torch.Tensor:
     """What Integrated Gradients' "mean" baseline is the mean colour of: the run's training images, or a
     (1, C, 1, 1) image of the normalization's mean (0..255) when they are not loaded."""
+    from .methods import mean_colour
+
     if detector is not None and detector.train is not None:
-        return detector.train.images
+        if getattr(detector, "train_mean_colour", None) is None:  # one pass over 50,000 images: once per detector
+            detector.train_mean_colour = mean_colour(detector.train.images)
+        return detector.train_mean_colour
     return torch.tensor(normalization.mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
 
 

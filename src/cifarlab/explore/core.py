@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CifarlabError
+from ..explain.photo import baseline_reference
 
 TOP_K = 5               # calibrated classes shown
 NEIGHBOURS = 5          # nearest training images shown
@@ -90,7 +91,7 @@ class Explorer:
         self.fit = fit_of(ckpt.meta.get("dataset"))
         self.targets = {t.name: t for t in stimulus_targets(self.model)}
         self.stimulus_settings, self.stimulus_seed, self.stimulus_source = _stimulus_settings(run_dir, self.notes)
-        self.reference = _mean_colour_image(detector, self.normalization)
+        self.reference = baseline_reference(detector, self.normalization)  # the same baseline as predict --explain
         self.lock = threading.Lock()
         self._stimuli: dict[tuple[str, int], torch.Tensor] = {}
         self._examples: Future | None = None
@@ -300,17 +301,6 @@ class Explorer:
         self._closing.set()
         if self._examples_thread is not None:
             self._examples_thread.join(timeout)
-
-
-def _mean_colour_image(detector, normalization) -> torch.Tensor:
-    """Integrated Gradients' "mean" baseline as explain_photos chooses it (the training images' mean colour
-    with a loaded feature bank, else the normalization's mean), as one (1, C, 1, 1) image: its mean colour
-    is itself, so the baseline is the same while costing nothing per call."""
-    from ..explain.methods import mean_colour
-
-    if detector is not None and detector.train is not None:
-        return mean_colour(detector.train.images)
-    return torch.tensor(normalization.mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
 
 
 def _index(value, n: int, what: str) -> int:
