@@ -782,9 +782,10 @@ def build_report(run_dir, ckpt=None, data=None, log=print, *, settings=None, see
     vis = visualize.render_all(ckpt, run_dir / "visualize", data=data, seed=seed, images=images,
                                settings=settings, log=log, explanations=explanations)
     visual = _visual_outputs(vis)
-    log("stimuli again for the channel pages")
-    layers, pages = stimuli_pages(_channel_stimuli(ckpt, settings, seed), visual, data.test.images,
-                                  list(ckpt.meta["classes"]))
+    started = time.perf_counter()
+    stimuli = _channel_stimuli(ckpt, settings, seed)
+    log(f"stimuli again for the channel pages (visualize keeps only their PNGs): {time.perf_counter() - started:.1f} s")
+    layers, pages = stimuli_pages(stimuli, visual, data.test.images, list(ckpt.meta["classes"]))
     inputs = ReportInputs(run_dir, ckpt, results, curves,
                           confusion_block(results["classes"], predictions, data.test.images, cell_images),
                           feature_map_block(ckpt, data, predictions, map_method, map_points, seed),
