@@ -286,6 +286,17 @@ def test_every_block_escapes_what_it_shows():
     assert out.count("&lt;script&gt;x&lt;/script&gt; &amp; &#34;more&#34;") == 15  # every string of the section
 
 
+def test_malformed_explanation_numbers_are_a_note_not_a_traceback(tmp_path):
+    """summary.json is a file anyone can edit: numbers of the wrong shape end in a note in the page."""
+    for explained in ({"enabled": True}, {"enabled": True, "settings": {"methods": ["saliency"]},
+                                          "faithfulness": {"methods": {"saliency": {"deletion_auc": "x"}}}}):
+        out = report.VisualOutputs(tmp_path, {}, {}, "default", 0.0, explained)
+        sections = report._explanation_sections(out)
+        assert [s["id"] for s in sections] == ["explanations", "examples"]
+        assert "are malformed" in sections[0]["blocks"][0]["text"] and "re-run cifarlab visualize" in _sections_html(
+            sections)
+
+
 # ---------------------------------------------------------------------------------------------------
 # In a real browser
 

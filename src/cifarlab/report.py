@@ -97,9 +97,11 @@ def _results(run_dir: Path, ckpt, data, log) -> tuple[dict, dict]:
     seed = int(ckpt.meta.get("recipe", {}).get("seed", 0))
     evaluate_to_folder(ckpt, data, eval_dir, seed=seed)
     results, why = stored_results(path, ckpt)
-    predictions, why_not = _stored_predictions(eval_dir / PREDICTIONS_FILE, results, data) if results else (None, why)
+    predictions = None
+    if results is not None:
+        predictions, why = _stored_predictions(eval_dir / PREDICTIONS_FILE, results, data)
     if predictions is None:
-        raise ReportError(f"{eval_dir}: just evaluated, but {why_not}")
+        raise ReportError(f"{eval_dir}: just evaluated, but cannot read it back: {why}")
     return results, predictions
 
 
@@ -184,6 +186,7 @@ def _diagnosis(ckpt) -> tuple[list[str], str]:
 class VisualOutputs:
     """What ``cifarlab visualize`` left for the report: its PNGs by key, and its numbers."""
 
+    out_dir: Path
     files: dict[str, str]
     class_probabilities: dict[str, dict[str, float]]
     method: str
@@ -201,7 +204,7 @@ def _visual_outputs(vis) -> VisualOutputs:
     except CifarlabError:
         saved = {}
     explained = saved.get("explanations") if isinstance(saved, dict) else None
-    return VisualOutputs(dict(vis.files), dict(vis.class_probabilities), vis.method,
+    return VisualOutputs(Path(vis.out_dir), dict(vis.files), dict(vis.class_probabilities), vis.method,
                          next(iter(vis.seconds.values()), 0.0), explained if isinstance(explained, dict) else {})
 
 
@@ -471,7 +474,8 @@ def project_2d(features: np.ndarray, method: str = "pca", seed: int = 0) -> tupl
     centred = features - features.mean(0)
     _, s, vt = np.linalg.svd(centred, full_matrices=False)
     explained = (s[:2] ** 2).sum() / max((s ** 2).sum(), 1e-12)
-    return centred @ vt[:2].T, f"PCA of the features (the first two components explain {100 * explained:.1f}% of their variance)"
+    how = f"PCA of the features (the first two components explain {100 * explained:.1f}% of their variance)"
+    return centred @ vt[:2].T, how
 
 
 def feature_map_block(ckpt, data, predictions: dict, method: str = "pca", points: int = MAP_POINTS,
@@ -567,7 +571,8 @@ def stimuli_pages(stimuli, out: VisualOutputs, test_images, class_names: list[st
                 "objective": float(s.objective[j]), "ratio": ratio,
                 "objective_is": "the class logit" if is_classes else "the channel's mean activation",
                 "prev": ids[j - 1] if j else None, "next": ids[j + 1] if j + 1 < len(ids) else None,
-                "examples": [{"index": i, "value": v, "k": j * per_row + m} for m, (i, v) in enumerate(zip(idx, values))]})
+                "examples": [{"index": i, "value": v, "k": j * per_row + m}
+                             for m, (i, v) in enumerate(zip(idx, values))]})
     return layers, pages
 
 
@@ -604,7 +609,8 @@ def _visual_sections(out: VisualOutputs, layers: list[dict]) -> list[dict]:
     for m in out.class_probabilities:
         classes += [_text(f"{m} method", "h3"), _figure(files.get(f"classes_{m}"), f"class stimuli, {m} method")]
     if "classes" in by_name:
-        classes += [_text(f"Pages per class ({out.method} method)", "h3"), {"kind": "channels", "layer": by_name["classes"]}]
+        classes += [_text(f"Pages per class ({out.method} method)", "h3"),
+                    {"kind": "channels", "layer": by_name["classes"]}]
     return [
         _section("stimuli", stimuli,
                  f"For every channel of every conv layer and residual block (after its activation), the input "
@@ -624,6 +630,17 @@ def _visual_sections(out: VisualOutputs, layers: list[dict]) -> list[dict]:
 
 
 def _explanation_sections(out: VisualOutputs) -> list[dict]:
+    """The two sections below, or a note in each when summary.json's numbers are not what visualize writes
+    (a file anyone can edit: a missing key or a wrong type must not end the report in a traceback)."""
+    try:
+        return _explanation_sections_of(out)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        note = [_text(f"Not shown: the explanations in {Path(out.out_dir) / 'summary.json'} are malformed "
+                      f"({type(e).__name__}: {e}); re-run cifarlab visualize.", "missing")]
+        return [_section("explanations", note), _section("examples", note)]
+
+
+def _explanation_sections_of(out: VisualOutputs) -> list[dict]:
     """Every attribution method's maps, their faithfulness and sanity numbers, dataset examples."""
     explained = out.explanations
     if not explained.get("enabled"):
