@@ -88,7 +88,10 @@ def _inputs(run: Path, data, cap: int, points: int, names: dict | None = None, *
     if names:
         results, meta["classes"] = _rename(results, names), _rename(ckpt.meta["classes"], names)
         visual.class_probabilities = _rename(visual.class_probabilities, names)
-    stimuli = report._channel_stimuli(ckpt, _quick(), 0)
+    from cifarlab.transforms import Normalization
+
+    stimuli = visualize.all_stimuli(ckpt.model.cpu().eval(), Normalization.from_dict(ckpt.meta["normalization"]),
+                                    _quick(), 0)  # what render_all hands the report (VisualizationResult.stimuli)
     ckpt.meta = dict(ckpt.meta, **meta)
     layers, pages = report.stimuli_pages(stimuli, visual, data.test.images, list(ckpt.meta["classes"]))
     return report.ReportInputs(run, ckpt, results, run / "training_curves.png",

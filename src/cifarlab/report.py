@@ -519,18 +519,6 @@ def feature_map_block(ckpt, data, predictions: dict, method: str = "pca", points
 # Stimuli: per layer, and a page per channel
 
 
-def _channel_stimuli(ckpt, settings, seed: int):
-    """Every target's stimuli as uint8 tensors, for the channel pages. ``visualize.render_all`` keeps
-    only its PNG mosaics, so they are made again here with the same settings and seed (the same images:
-    each channel's generator is seeded by its target and channel)."""
-    from . import visualize
-    from .transforms import Normalization
-
-    settings = settings or visualize.StimulusSettings.for_method("default")
-    normalization = Normalization.from_dict(ckpt.meta["normalization"])
-    return visualize.all_stimuli(ckpt.model.cpu().eval(), normalization, settings, seed)
-
-
 def _examples_of(out: VisualOutputs, layer: str, n_test: int) -> dict[int, tuple[list[int], list[float], float]]:
     """channel -> (its top test images, their activations, stimulus / best-image ratio), from the
     dataset-examples numbers in summary.json; entries that are not well-formed are left out."""
@@ -799,10 +787,7 @@ def build_report(run_dir, ckpt=None, data=None, log=print, *, settings=None, see
     vis = visualize.render_all(ckpt, run_dir / "visualize", data=data, seed=seed, images=images,
                                settings=settings, log=log, explanations=explanations)
     visual = _visual_outputs(vis)
-    started = time.perf_counter()
-    stimuli = _channel_stimuli(ckpt, settings, seed)
-    log(f"stimuli again for the channel pages (visualize keeps only their PNGs): {time.perf_counter() - started:.1f} s")
-    layers, pages = stimuli_pages(stimuli, visual, data.test.images, list(ckpt.meta["classes"]))
+    layers, pages = stimuli_pages(vis.stimuli, visual, data.test.images, list(ckpt.meta["classes"]))
     inputs = ReportInputs(run_dir, ckpt, results, curves,
                           confusion_block(results["classes"], predictions, data.test.images, cell_images),
                           feature_map_block(ckpt, data, predictions, map_method, map_points, seed),

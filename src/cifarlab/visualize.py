@@ -41,7 +41,7 @@ import contextlib
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -601,6 +601,7 @@ class VisualizationResult:
     files: dict[str, str]
     class_probabilities: dict[str, dict[str, float]]  # method -> class -> p(class | its stimulus)
     seconds: dict[str, float]
+    stimuli: list = field(default_factory=list)       # the Stimuli of every target (the report's channel pages)
 
 
 def render_all(ckpt, out_dir, data=None, method: str = "default", seed: int = 0, images=None,
@@ -654,7 +655,7 @@ def render_all(ckpt, out_dir, data=None, method: str = "default", seed: int = 0,
         "seconds": seconds, "files": files, "explanations": explained,
         "note": "class_probabilities: p(class k | stimulus of class k), the uint8 stimulus re-normalized "
                 "with the checkpoint's normalization"})
-    return VisualizationResult(out_dir, settings.method, files, probs, seconds)
+    return VisualizationResult(out_dir, settings.method, files, probs, seconds, stimuli)
 
 
 DEFAULT_IMAGES = (0, 1, 2, 3, 4, 5, 6, 7)
