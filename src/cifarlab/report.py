@@ -35,6 +35,7 @@ from . import plots
 from .doctor import diagnose
 from .errors import CifarlabError, ReportError
 from .evaluate import TTA_LEVELS, tta_level
+from .explain import beats_random, faithfulness_verdict
 from .fsutil import atomic_write_text
 from .models import summary
 
@@ -653,9 +654,9 @@ def _explanation_sections_of(out: VisualOutputs) -> list[dict]:
                     f"{f['insertion_auc']:.3f} ± {f['insertion_auc_sem']:.3f}",
                     f"{random['deletion_auc']:.3f} / {random['insertion_auc']:.3f}",
                     f"{gain_d:+.3f} / {gain_i:+.3f}"]
-            if not _beats_random(f):
-                verdicts.append(f"{m.replace('_', ' ')} is no better than random here: its deletion and insertion "
-                                "AUCs do not beat a random pixel order by two standard errors.")
+            if not beats_random(f):  # worded per metric: which curve beats a random pixel order, which does not
+                verdicts.append(f"{m.replace('_', ' ')} {faithfulness_verdict(f)} here (gain over a random pixel "
+                                "order above two standard errors).")
         else:
             row += ["-"] * 4
         if s:
@@ -707,10 +708,6 @@ def _explanation_sections_of(out: VisualOutputs) -> list[dict]:
     return [_section("explanations", body, intro), _section("examples", ex_body, ex_intro)]
 
 
-def _beats_random(row: dict) -> bool:
-    from .explain import beats_random
-
-    return beats_random(row)
 
 
 def _model_sections(ckpt) -> list[dict]:
