@@ -425,3 +425,29 @@ def test_the_flag_rate_on_cifar10_1_is_reported(run, detector, data, cifar, data
     assert entry["flagged_at_threshold"] == pytest.approx(expected)
     assert entry["flagged_at_threshold"] <= 0.15, entry  # near the 5% of in-distribution images the threshold drops
     assert 0.35 <= entry["metrics"]["layers"]["auroc"] <= 0.65  # indistinguishable from the test set
+
+
+def test_the_report_shows_the_ood_results_of_these_weights(run_copy, data, tmp_path, monkeypatch, capsys):
+    from cifarlab import report
+    from cifarlab.cli import evaluate as cli_evaluate
+    from cifarlab.data import CIFAR10
+
+    few = CIFAR10(train=data.train, test=data.test.subset(slice(0, 300)), classes=data.classes, root=data.root,
+                  spec="cifar10", identity=dict(data.identity))
+    monkeypatch.setattr(cli_evaluate, "load_data", lambda args, **kwargs: few)
+    ckpt = load_checkpoint(run_copy)
+    assert report._ood_section(run_copy / "eval", ckpt)["blocks"][0]["kind"] == "parts"  # not evaluated: the hint
+    assert main(["evaluate", str(run_copy), "--ood", "noise", "--json"]) == 0
+    stored = json.loads(capsys.readouterr().out)["ood"]
+    section = report._ood_section(run_copy / "eval", ckpt)
+    table = section["blocks"][0]
+    assert table["header"][:3] == ["OOD set", "images", "flagged"] and len(table["rows"]) == 1
+    row, entry = table["rows"][0], stored["sets"][0]
+    assert row[:3] == ["noise", "300", f"{100 * entry['flagged_at_threshold']:.2f}%"]
+    assert row[3].startswith(f"{entry['metrics']['layers']['auroc']:.3f} [")
+    assert section["blocks"][1]["kind"] == "figure"
+    other = dict(ckpt.meta, weights_sha256="0" * 64)  # results of other weights are not shown as these
+    ckpt.meta = other
+    assert "made with other weights" in report._ood_section(run_copy / "eval", ckpt)["blocks"][0]["text"]
+    (run_copy / "eval" / "ood.json").write_text('{"sets": 5}')
+    assert "not readable as OOD results" in report._ood_section(run_copy / "eval", ckpt)["blocks"][0]["text"]

@@ -33,7 +33,7 @@ import numpy as np
 
 from . import plots
 from .doctor import diagnose
-from .errors import CifarlabError, ReportError
+from .errors import CifarlabError, ReportError, short_repr
 from .evaluate import TTA_LEVELS, tta_level
 from .explain import beats_random, faithfulness_verdict
 from .fsutil import atomic_write_text
@@ -43,7 +43,7 @@ SECTIONS = [
     ("overview", "Overview"), ("results", "Final numbers"), ("curves", "Training curves"),
     ("diagnosis", "Diagnosis of the training curves"),
     ("confusion", "Confusion matrix"), ("per-class", "Per-class accuracy"), ("quality", "Per-class quality"),
-    ("calibration", "Calibration"), ("shift", "Distribution shift"), ("gallery", "Predictions"),
+    ("calibration", "Calibration"), ("shift", "Distribution shift"), ("ood", "Unlike any class"), ("gallery", "Predictions"),
     ("mistakes", "Worst mistakes"), ("map", "Feature map"), ("stimuli", "Maximum stimuli per layer"),
     ("classes", "Class stimuli"), ("filters", "First-layer filters"), ("activations", "Activation maps"),
     ("attributions", "Saliency and Grad-CAM"), ("explanations", "Attributions"),
@@ -321,6 +321,7 @@ def _numbers_sections(run_dir: Path, ckpt, results: dict, curves, confusion: dic
                  "class's test images, the share predicted as it (its accuracy). F1: their harmonic mean."),
         _calibration_section(eval_dir, results),
         _shift_section(results),
+        _ood_section(eval_dir, ckpt),
         _section("gallery", [_figure(eval_dir / "gallery.png", "random test predictions")],
                  "Random test images with the predicted class, its probability and the true class."),
         _section("mistakes", [_figure(eval_dir / "worst_mistakes.png", "most confident mistakes"),
@@ -394,6 +395,44 @@ def _shift_section(results: dict) -> dict:
                                       "gap, points (95% CI)"], rows)],
                     "Does the accuracy hold on new images of the same classes? Intervals: Wilson for each "
                     "accuracy, normal approximation for the gap (original minus shifted).")
+
+
+def _ood_section(eval_dir: Path, ckpt) -> dict:
+    """``cifarlab evaluate --ood``'s results (``eval/ood.json``, ``eval/ood_scores.png``) when they are there and
+    were made with these weights: per OOD set the share flagged and each score's AUROC (bootstrap interval
+    for small sets), and the score histograms."""
+    from . import validation as V
+    from .ood import SCORE_NAMES, SCORES
+
+    path = eval_dir / "ood.json"
+    hint = [("Not evaluated. ", False), ("cifarlab evaluate RUN --ood noise permuted folder:PATH", True),
+            (" scores how well the run tells its own kind of images from others, and predict flags a photo as "
+             "unlike any class it knows.", False)]
+    if not path.is_file():
+        return _section("ood", [{"kind": "parts", "parts": hint}])
+    try:
+        stored = V.load_json_file(path, "OOD results", ReportError)
+        sets, threshold = stored["sets"], stored["threshold"]
+        if threshold.get("weights_sha256") != ckpt.meta.get("weights_sha256"):
+            return _section("ood", [_text(f"{path} was made with other weights; evaluate --ood again.", "missing")])
+        rows = []
+        for entry in sets[:50]:
+            cells = [str(entry["name"]), f"{int(entry['images']):,}", _pct(float(entry["flagged_at_threshold"]))]
+            for score in SCORES:
+                m = entry["metrics"].get(score)
+                ci = m.get("auroc_ci95") if m else None
+                cells.append("-" if m is None else f"{float(m['auroc']):.3f}"
+                             + (f" [{float(ci[0]):.3f}, {float(ci[1]):.3f}]" if ci else ""))
+            rows.append(cells)
+        accepted = float(stored["in_distribution"]["accepted_at_threshold"])
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, CifarlabError) as e:
+        return _section("ood", [_text(f"{path}: not readable as OOD results ({short_repr(e, 120)}); evaluate --ood "
+                                      "again.", "missing")])
+    table = _table(["OOD set", "images", "flagged", *(f"AUROC {SCORE_NAMES[s]}" for s in SCORES)], rows)
+    return _section("ood", [table, _figure(eval_dir / "ood_scores.png", "OOD score histograms")],
+                    f"AUROC: how well each score ranks the test images above the set's (1 = perfectly, 0.5 = "
+                    f"chance; 95% bootstrap interval for small sets). Flagged: the share below the run's threshold, "
+                    f"which accepts {100 * accepted:.1f}% of the test images. The flag uses the all-layers KNN score.")
 
 
 # ---------------------------------------------------------------------------------------------------
