@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import os
+import stat
 import unicodedata
 from pathlib import Path
 
@@ -117,9 +118,17 @@ class RunLock:
 
 def _make_folder(run_dir: Path) -> list[Path]:
     """Create the run folder (and missing parents); return the folders created, outermost first."""
-    if run_dir.is_dir():
+    # One stat, not is_dir() then exists(): a run starting at the same moment may create the folder
+    # between two checks, and that must not read as "exists and is not a folder".
+    try:
+        is_folder = stat.S_ISDIR(os.stat(run_dir).st_mode)
+    except FileNotFoundError:
+        is_folder = None if not run_dir.is_symlink() else False  # a dangling link is not a folder
+    except OSError as e:
+        raise RunFolderError(f"{run_dir}: cannot read the run folder ({e.strerror or e}).") from None
+    if is_folder:
         return []
-    if run_dir.exists() or run_dir.is_symlink():
+    if is_folder is False:
         raise RunFolderError(f"{run_dir}: exists and is not a folder; choose another --name or --runs-dir.")
     missing = [run_dir] + [p for p in run_dir.parents if not p.exists()]
     created = []

@@ -90,7 +90,8 @@ def _ood_inputs(args, ckpt, data, quiet: bool):
     if ood.run_dir_of(args.checkpoint) is None and ood.run_dir_of(ckpt.path) is None:
         raise ood.OODError(f"{args.checkpoint}: --ood needs the run folder (its training images make the feature "
                            f"bank, kept in RUN/ood/)")
-    detector = ood.prepare(ckpt, data, device=args.device, log=log)
+    # the sets first: a misspelled set is refused before the feature bank is built and written into RUN/ood/
     sets = [ood.load_ood_set(spec, ckpt, data, seed=args.seed, download=not args.no_download, log=log)
             for spec in dict.fromkeys(args.ood)]
+    detector = ood.prepare(ckpt, data, device=args.device, log=log)
     return detector, sets
