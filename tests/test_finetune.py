@@ -76,6 +76,16 @@ def test_cli_trains_ten_images_with_the_fast_preset_and_prints_the_plan(cifar, t
     assert C.load_latest(tmp_path / "r" / "t", with_train_state=True).train_state["recipe"]["batch_size"] == 8
 
 
+def test_freeze_epochs_without_a_net_to_load_is_refused_not_silently_applied(tmp_path, capsys):
+    """Before: --freeze-epochs on a net from scratch trained only the head on random features, silently."""
+    with pytest.raises(ValueError, match="freeze_epochs trains only the head of a loaded net"):
+        recipe_from("fast", freeze_epochs=2).validate()
+    code = cli_main(["train", "--preset", "fast", "--freeze-epochs", "2", "--data-dir", str(tmp_path / "none"),
+                     "--no-download", "--runs-dir", str(tmp_path / "r")])
+    assert code == 2 and "pass init_from (--init-from RUN_OR_FILE), or drop freeze_epochs" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 # ---------------------------------------------------------------------------------------------------
 # Fine-tuning
 

@@ -74,3 +74,18 @@ def test_lr_find_command(data_dir, tmp_path, capsys, one_thread):
     assert saved["suggestion"] == pytest.approx(saved["min_loss_lr"] / 10) and len(saved["lrs"]) <= 20
     assert main(["lr-find", "--start-lr", "1", "--end-lr", "0.1", "--data-dir", str(data_dir), "--no-download",
                  "--out", str(out)]) == 2
+
+
+@pytest.mark.parametrize("below", ["", "sub/deeper"])
+def test_a_file_in_the_way_of_out_is_refused_before_anything_runs(tmp_path, capsys, below):
+    """Before: lr-find trained for its steps and only then failed to write. The data folder here does not
+    exist, so an error about --out proves the check came first (and nothing was written)."""
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_bytes(b"mine")
+    out = in_the_way / below if below else in_the_way
+    code = main(["lr-find", "--preset", "fast", "--steps", "5", "--data-dir", str(tmp_path / "no-such-data"),
+                 "--no-download", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"error: {in_the_way}: exists and is not a folder; choose another --out for the lr " \
+                                f"finder's results\n"
+    assert in_the_way.read_bytes() == b"mine" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

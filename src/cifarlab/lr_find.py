@@ -181,9 +181,22 @@ def plot(result: LRFinderResult, path: str | Path) -> Path:
     return save_figure(fig, path)
 
 
+def check_out_folder(folder: str | Path) -> Path:
+    """``folder`` can hold the results: it is a folder or can be made one (no file in its way). Called before
+    the search too, so a bad ``--out`` is refused before minutes of training, not after."""
+    folder = Path(folder)
+    for path in (folder, *folder.parents):
+        if path.is_dir():
+            break
+        if path.exists() or path.is_symlink():
+            raise ValueError(f"{path}: exists and is not a folder; choose another --out for the lr finder's "
+                             f"results")
+    return folder
+
+
 def save(result: LRFinderResult, folder: str | Path) -> dict[str, Path]:
     """``lr_find.json`` and ``lr_find.png`` in ``folder``."""
-    folder = Path(folder)
+    folder = check_out_folder(folder)
     folder.mkdir(parents=True, exist_ok=True)
     json_path = folder / "lr_find.json"
     atomic_write_json(json_path, result.to_dict())

@@ -104,6 +104,9 @@ class Recipe:
             raise ValueError("muon_lr and muon_momentum apply to the muon optimizer only")
         if self.lr_mult != 1.0 and self.optimizer == "muon":
             raise ValueError("lr_mult (discriminative learning rates) does not apply to the muon optimizer")
+        if self.freeze_epochs and not self.init_from:
+            raise ValueError("freeze_epochs trains only the head of a loaded net, and this recipe loads none: pass "
+                             "init_from (--init-from RUN_OR_FILE), or drop freeze_epochs")
         if self.early_stop and not self.val_split:
             raise ValueError("early_stop needs val_split > 0: stopping on the test set would tune the run on the "
                              "images it is judged on")

@@ -37,17 +37,19 @@ def lr_find_command(args) -> int:
     import torch
 
     from .. import lr_find as finder
+    from ..data.base import user_path
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.start_lr >= args.end_lr:
         raise ValueError(f"--start-lr ({args.start_lr:g}) must be below --end-lr ({args.end_lr:g})")
     recipe = recipe_from_args(args)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = finder.check_out_folder(user_path(args.out, "--out=") if args.out else
+                                  Path(args.runs_dir) / f"lr-find-{args.preset}-{stamp}")
     data = load_data(args)
     result = finder.lr_find(recipe, data, device=args.device, start_lr=args.start_lr, end_lr=args.end_lr,
                             steps=args.steps, precision=args.precision)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = Path(args.out) if args.out else Path(args.runs_dir) / f"lr-find-{args.preset}-{stamp}"
     files = finder.save(result, out)
     print(json.dumps({"suggested_lr": result.suggestion, "rule": result.rule, "min_loss_lr": result.min_loss_lr,
                       "steepest_lr": result.steepest_lr, "steps_run": len(result.lrs),
