@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from cifarlab.cli import main
+from cifarlab.models import get_declaration
 
 
 def cifarlab(*args, env=None, timeout=600):
@@ -35,6 +36,31 @@ def test_bad_declaration_is_a_clear_error_not_a_traceback(tmp_path, capsys):
     assert main(["summary", "--model", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "needs a flat input" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("shape", [[3, -1, 5], [3, 32], ["a", 32, 32], [7, 32, 32]])
+def test_summary_refuses_a_broken_input_shape_even_with_image_size(tmp_path, capsys, shape):
+    """Before: summary replaced the declaration's input_shape by --image-size's default, so a broken one
+    passed (and a 1x28x28 net was summarized as 3x32x32)."""
+    decl = get_declaration("exercise")
+    decl["input_shape"] = shape
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(decl))
+    for extra in ([], ["--image-size", "64"]):
+        assert main(["summary", "--model", str(path), *extra]) == 2
+        assert capsys.readouterr().err == f"error: {path}: 'input_shape' must be [channels 1..4, height, width " \
+                                          f"1..1024], not {shape!r}\n"
+
+
+def test_summary_keeps_the_declarations_own_shape_and_channels(tmp_path, capsys):
+    decl = get_declaration("exercise")
+    decl["input_shape"] = [1, 28, 28]
+    path = tmp_path / "gray.json"
+    path.write_text(json.dumps(decl))
+    assert main(["summary", "--model", str(path)]) == 0
+    assert "(input 1x28x28;" in capsys.readouterr().out
+    assert main(["summary", "--model", str(path), "--image-size", "64"]) == 0
+    assert "(input 1x64x64;" in capsys.readouterr().out
 
 
 def test_run_end_to_end_then_evaluate_json(data_dir, tmp_path):

@@ -341,8 +341,11 @@ def validate(declaration: dict, num_classes: int | None = None, input_shape=None
         value = declaration.get(key, "")
         if not isinstance(value, str) or len(value) > 1000:
             raise DeclarationError(f"'{key}' must be a string of at most 1000 characters, not {_short(value)}")
-    shape = _check_input_shape(input_shape if input_shape is not None else
-                               declaration.get("input_shape", INPUT_SHAPE))
+    # The declaration's own shape is checked even when the caller overrides it: a broken field is refused,
+    # not silently replaced.
+    shape = _check_input_shape(declaration.get("input_shape", INPUT_SHAPE))
+    if input_shape is not None:
+        shape = _check_input_shape(input_shape)
     out = {"name": declaration.get("name", "custom"), "init": init, "input_shape": list(shape), "layers": []}
     if "description" in declaration:
         out["description"] = declaration["description"]

@@ -10,7 +10,8 @@ def register(sub) -> None:
     p.add_argument("--checkpoint", help="summarize the model stored in a checkpoint instead")
     p.add_argument("--classes", type=bounded_int(2, 10_000), default=10,
                    help="number of classes for a registered model's head (default: 10)")
-    p.add_argument("--image-size", type=bounded_int(8, 512), default=32, help="input image size (default: 32)")
+    p.add_argument("--image-size", type=bounded_int(8, 512),
+                   help="input image size (default: the declaration's input_shape, 3x32x32 unless it says otherwise)")
     p.set_defaults(func=summary)
 
     p = sub.add_parser("models", help="list registered models, presets and datasets")
@@ -30,8 +31,17 @@ def summary(args) -> int:
         print(summary(load_checkpoint(args.checkpoint).model))
     else:
         print(summary(get_declaration(args.model, num_classes=args.classes,
-                                      input_shape=(3, args.image_size, args.image_size))))
+                                      input_shape=_square(args.model, args.image_size, args.classes))))
     return 0
+
+
+def _square(model: str, size: int | None, classes: int):
+    """--image-size as an input shape that keeps the declaration's channels; None keeps its own shape."""
+    if size is None:
+        return None
+    from ..models import get_declaration, input_shape
+
+    return (input_shape(get_declaration(model, num_classes=classes))[0], size, size)
 
 
 def models(args) -> int:
