@@ -236,6 +236,28 @@ def test_resume_is_exact_with_augmentation_batchnorm_whitening_and_onecycle(tiny
     _assert_same_weights(whole.model.state_dict(), resumed.model.state_dict())
 
 
+def test_resuming_a_finished_run_changes_nothing_and_a_damaged_final_is_rewritten(tiny, tmp_path):
+    """Before: resuming a finished run re-saved final/ and refitted the temperature (overwriting what
+    `cifarlab calibrate` stored there). Now it trains nothing and leaves every file as it was."""
+    recipe = recipe_from("exercise", epochs=1, batch_size=BATCH)
+    run = tmp_path / "done"
+    first = train(recipe, tiny, run, **QUIET)
+    before = {p.relative_to(run): (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
+    said = []
+    again = train(recipe, tiny, run, resume=True, progress=False, log=said.append)
+    assert f"{run} already finished its 1 epochs; nothing to train, its final model is unchanged" in said
+    after = {p.relative_to(run): (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
+    assert after == before
+    _assert_same_weights(first.model.state_dict(), again.model.state_dict())
+    assert again.history == first.history and again.seconds == pytest.approx(first.seconds)
+    weights = next((run / "final").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])  # a damaged final model is written again, not kept
+    said.clear()
+    train(recipe, tiny, run, resume=True, progress=False, log=said.append)
+    assert any("cannot be read" in line and "writing it again" in line for line in said)
+    _assert_same_weights(first.model.state_dict(), ckpts.load_checkpoint(run / "final").model.state_dict())
+
+
 # ---------------------------------------------------------------------------------------------------
 # SIGKILL at random moments
 

@@ -20,7 +20,7 @@ from ..budget import Plan
 from ..data import Dataset, holdout_split
 from ..data.base import check_class_names
 from ..devices import resolve_device
-from ..errors import TrainingError
+from ..errors import CheckpointError, TrainingError
 from ..finetune import InitReport, init_model
 from ..fsutil import atomic_write_json
 from ..models import Net, Whiten, get_declaration
@@ -87,6 +87,12 @@ def train(recipe: Recipe, data: Dataset, run_dir: str | Path, options: RunOption
             t.add_callbacks([*callbacks_for(t, options, run_dir, base_meta, data, adaptive, log), *callbacks])
             if options.resume:
                 resume(t, run_dir, base_meta)
+                done = finished_run(t, run_dir, dist, log)
+                if done is not None:  # nothing to train: the final model (and its temperature) stay as they are
+                    return TrainResult(run_dir=run_dir, model=done.model.to(device).eval(),
+                                       history=done.meta.get("history", t.history), normalization=t.normalization,
+                                       classes=list(data.classes), val_source=t.val_source,
+                                       seconds=float(done.meta.get("train_seconds", 0.0)), meta=base_meta)
             parallelize(t, options.compile)
             if dist.is_main:
                 write_run_files(run_dir, recipe, data)
@@ -117,6 +123,21 @@ def prepare(recipe: Recipe, data: Dataset, device: torch.device, precision: str,
                 channels_last=channels_last, dist=dist, log=log)
     t.val_source = val_source
     return t
+
+
+def finished_run(t: Trainer, run_dir: Path, dist, log):
+    """The final checkpoint of a run resumed after its last epoch, or None when there is training (or a missing
+    or damaged final model) left to do. Resuming a finished run changes nothing: re-saving final/ would refit the
+    temperature and overwrite what ``cifarlab calibrate`` stored there."""
+    if t.epoch < t.recipe.epochs or dist.world > 1 or not (run_dir / "final").is_dir():
+        return None
+    try:
+        final = ckpts.load_checkpoint(run_dir / "final")
+    except CheckpointError as e:
+        log(f"{run_dir / 'final'} cannot be read ({e}); writing it again from the last checkpoint")
+        return None
+    log(f"{run_dir} already finished its {t.recipe.epochs} epochs; nothing to train, its final model is unchanged")
+    return final
 
 
 def initialize(t: Trainer, data: Dataset, log) -> InitReport:
